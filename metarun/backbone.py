@@ -1,0 +1,161 @@
+"""A Hugging Face encoder that maps text ids to pooled embeddings.
+
+Texts are tokenised once per run. Calls may pass `params` (a dict of parameter overrides) so
+inner loops run functionally over adapted weights without copying the model. During evaluation
+the unadapted embeddings of every distinct text can be computed once and reused (`cached`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from metarun.config import BackboneConfig
+from metarun.errors import MetarunError
+
+log = logging.getLogger(__name__)
+POOLINGS = ("mean", "cls")
+TRAINABLE = ("all", "none", "top_k")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class Encoder(nn.Module):
+    def __init__(self, model: nn.Module, tokenizer, pooling: str, max_length: int) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pooling = pooling
+        self.max_length = max_length
+        self.register_buffer("tokens", torch.zeros(0, 1, dtype=torch.long), persistent=False)
+        self.register_buffer("lengths", torch.zeros(0, dtype=torch.long), persistent=False)
+        self._cache: torch.Tensor | None = None
+        self._cache_row: torch.Tensor | None = None
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def is_decoder(self) -> bool:
+        return bool(getattr(self.model.config, "is_decoder", False))
+
+    def set_texts(self, texts: Sequence[str]) -> None:
+        """Tokenise every text of the task once; later calls only gather rows by id."""
+        enc = self.tokenizer(
+            list(texts), truncation=True, max_length=self.max_length, padding="longest",
+            return_tensors="pt",
+        )  # fmt: skip
+        device = self.tokens.device
+        self.tokens = enc["input_ids"].to(device)
+        self.lengths = enc["attention_mask"].sum(1).to(device)
+
+    def batch(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        ids = ids.to(self.tokens.device)
+        lengths = self.lengths[ids]
+        width = int(lengths.max())
+        input_ids = self.tokens[ids, :width]
+        mask = torch.arange(width, device=ids.device)[None, :] < lengths[:, None]
+        return {"input_ids": input_ids, "attention_mask": mask.long()}
+
+    def forward(self, ids: torch.Tensor, params: dict[str, torch.Tensor] | None = None):
+        """Pooled embeddings [n, dim] of texts `ids`, optionally with overridden parameters."""
+        if params is None and self._cache is not None:
+            rows = self._cache_row[ids.to(self._cache_row.device)]
+            if bool((rows < 0).any()):
+                raise RuntimeError("text id outside the evaluation cache")
+            return self._cache[rows]
+        inputs = self.batch(ids)
+        if params:
+            out = functional_call(self.model, params, args=(), kwargs=inputs, strict=False)
+        else:
+            out = self.model(**inputs)
+        hidden = out.last_hidden_state
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+    @contextmanager
+    def cached(self, ids: torch.Tensor, batch_size: int = 256) -> Iterator[None]:
+        """Within the block, unadapted calls return precomputed embeddings of `ids`.
+
+        Valid because evaluation never changes the encoder's own parameters: adapted weights
+        always arrive as `params`, and those calls bypass the cache.
+        """
+        ids = torch.unique(ids)
+        chunks = []
+        with torch.no_grad():
+            for start in range(0, len(ids), batch_size):
+                chunks.append(self(ids[start : start + batch_size]))
+        row = torch.full((len(self.tokens),), -1, dtype=torch.long, device=self.tokens.device)
+        row[ids.to(row.device)] = torch.arange(len(ids), device=row.device)
+        self._cache, self._cache_row = torch.cat(chunks), row
+        try:
+            yield
+        finally:
+            self._cache = self._cache_row = None
+
+
+def _layers(model: nn.Module) -> nn.ModuleList:
+    """The transformer's block list: the ModuleList as long as the model has layers."""
+    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise MetarunError(f"cannot find the {n} transformer layers of {type(model).__name__}")
+
+
+def set_trainable(model: nn.Module, trainable: str, top_k: int) -> None:
+    if trainable not in TRAINABLE:
+        raise MetarunError(f"backbone.trainable={trainable}; use one of {', '.join(TRAINABLE)}")
+    model.requires_grad_(trainable == "all")
+    if trainable == "top_k":
+        layers = _layers(model)
+        if not 0 < top_k <= len(layers):
+            raise MetarunError(f"backbone.top_k={top_k}; the model has {len(layers)} layers")
+        for layer in layers[len(layers) - top_k :]:
+            layer.requires_grad_(True)
+
+
+def _load_pretrained(cfg: BackboneConfig):
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
+
+    local = Path(cfg.path).expanduser().is_dir()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.path)
+        if cfg.random_init:
+            kind = dict(cfg.arch).pop("model_type", None)
+            arch = {k: v for k, v in cfg.arch.items() if k != "model_type"}
+            base = AutoConfig.for_model(kind) if kind else AutoConfig.from_pretrained(cfg.path)
+            for key, value in arch.items():
+                setattr(base, key, value)
+            base.vocab_size = max(getattr(base, "vocab_size", 0), len(tokenizer))
+            return AutoModel.from_config(base), tokenizer
+        return AutoModel.from_pretrained(cfg.path), tokenizer
+    except OSError as err:
+        if local:
+            raise MetarunError(f"backbone.path={cfg.path}: cannot load weights ({err})") from err
+        raise MetarunError(
+            f"backbone.path={cfg.path} is not a local folder and the Hugging Face hub is "
+            "unreachable; offline use backbone=minilm or backbone.path=/local/dir"
+        ) from err
+
+
+def load_backbone(cfg: BackboneConfig) -> Encoder:
+    if cfg.pooling not in POOLINGS:
+        raise MetarunError(f"backbone.pooling={cfg.pooling}; use one of {', '.join(POOLINGS)}")
+    if cfg.dtype not in DTYPES:
+        raise MetarunError(f"backbone.dtype={cfg.dtype}; use one of {', '.join(DTYPES)}")
+    model, tokenizer = _load_pretrained(cfg)
+    model = model.to(DTYPES[cfg.dtype])
+    set_trainable(model, cfg.trainable, cfg.top_k)
+    if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing keeps double backward (second-order MAML) working.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return Encoder(model, tokenizer, cfg.pooling, cfg.max_length)

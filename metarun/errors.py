@@ -1,0 +1,5 @@
+"""One exception type for problems the user can fix; the CLI prints it as one line."""
+
+
+class MetarunError(Exception):
+    """Bad input: the message names the key or file and the fix."""

@@ -1,0 +1,141 @@
+"""The experiment recipe: compose the pieces a config names, meta-train, test, write the record.
+
+Read top to bottom, `run` is the whole experiment; each step is a small function beside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from metarun.algo import build_algorithm
+from metarun.backbone import load_backbone
+from metarun.config import HardwareConfig, MetarunConfig
+from metarun.errors import MetarunError
+from metarun.evaluate import evaluate
+from metarun.logger import JsonlSink, Logger, StdoutSink, WandbSink
+from metarun.record import git_commit, versions, write_json
+from metarun.task import STREAM, EpisodeSampler, check_feasible, fixed_episodes, load_task
+from metarun.trainer import Trainer
+
+log = logging.getLogger("metarun")
+PRECISIONS = ("fp32", "bf16")
+
+
+def setup_hardware(hw: HardwareConfig) -> tuple[torch.device, Callable]:
+    """The device and an autocast factory; fails early when the device is not there."""
+    if hw.precision not in PRECISIONS:
+        raise MetarunError(f"hardware.precision={hw.precision}; use one of {', '.join(PRECISIONS)}")
+    try:
+        device = torch.device(hw.device)
+    except RuntimeError as err:
+        raise MetarunError(f"hardware.device={hw.device} is not a device name") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MetarunError(f"hardware.device={hw.device} but no CUDA GPU is visible; use hardware=cpu")
+    if hw.threads > 0:
+        torch.set_num_threads(hw.threads)
+    torch.set_float32_matmul_precision("high" if hw.tf32 else "highest")
+    if hw.precision == "bf16":
+        return device, lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return device, contextlib.nullcontext
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def build_logger(cfg: MetarunConfig, run_dir: Path, name: str, group: str | None,
+                 resolved: dict) -> Logger:  # fmt: skip
+    sinks: list = [StdoutSink(show_train=not cfg.logger.progress), JsonlSink(run_dir / "metrics.jsonl")]
+    if cfg.logger.wandb:
+        sinks.append(WandbSink(cfg.logger, run_dir, name, group, resolved))
+    return Logger(sinks)
+
+
+def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], group: str | None) -> float:
+    """Run one experiment into `run_dir`; returns the best validation accuracy (nan if none)."""
+    started = time.time()
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    typed: MetarunConfig = OmegaConf.to_object(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
+    meta = {"config": resolved, "choices": choices, "versions": versions(), "git_commit": git_commit()}
+    write_json(run_dir / "environment.json", {k: v for k, v in meta.items() if k != "config"})
+
+    device, autocast = setup_hardware(typed.hardware)
+    seed_everything(typed.seed)
+    task_cfg, train_cfg = typed.task, typed.train
+    data = load_task(task_cfg)
+    needed = ("train", "valid", "test") if train_cfg.steps > 0 else ("test",)
+    check_feasible(data, task_cfg, needed)
+    log.info("task %s: %s", choices.get("task"), data.summary())
+
+    encoder = load_backbone(typed.backbone)
+    encoder.set_texts(data.texts)
+    algo = build_algorithm(cfg.algo, encoder, task_cfg.way).to(device)
+    shape = (task_cfg.way, task_cfg.shots, task_cfg.queries)
+    val = fixed_episodes(data.splits["valid"], *shape, task_cfg.val_episodes, task_cfg.eval_seed,
+                         "valid") if train_cfg.steps > 0 else []  # fmt: skip
+    test = fixed_episodes(data.splits["test"], *shape, task_cfg.test_episodes, task_cfg.eval_seed, "test")
+    sampler = EpisodeSampler(data.splits["train"], *shape, seed=[typed.seed, STREAM["train"]])
+
+    logger = build_logger(typed, run_dir, run_dir.name, group, resolved)
+    summary: dict[str, Any] = {"status": "failed", "run_dir": str(run_dir), **choices}
+    try:
+        trainer = Trainer(algo, train_cfg, sampler, val, logger, run_dir / "checkpoint.pt",
+                          meta, autocast, progress=typed.logger.progress)  # fmt: skip
+        fit = trainer.fit()
+        result = evaluate(algo, test, autocast)
+        logger.log(result.metrics("test"), fit.steps_done)
+        write_json(run_dir / "test_episodes.json", {
+            "eval_seed": task_cfg.eval_seed, "accuracy": result.accuracies.tolist(),
+            "macro_f1": result.macro_f1s.tolist(),
+            "classes": [list(ep.classes) for ep in test],
+        })  # fmt: skip
+        summary |= {
+            "status": "completed",
+            "test": {"acc": result.acc, "acc_ci95": result.ci95, "f1": result.f1,
+                     "episodes": len(test)},
+            "val": {"best_acc": fit.best_val_acc, "best_step": fit.best_step, "episodes": len(val)},
+            "train": asdict(fit),
+            "checkpoint": str(trainer.checkpoint_path) if trainer.best_state is not None
+            and train_cfg.save_checkpoint else None,
+        }  # fmt: skip
+        log.info("test accuracy %.2f%% ± %.2f (95%% CI, %d episodes), macro-F1 %.2f%%",
+                 100 * result.acc, 100 * result.ci95, len(test), 100 * result.f1)  # fmt: skip
+        return fit.best_val_acc if fit.best_val_acc is not None else float("nan")
+    except MetarunError as err:
+        summary["error"] = str(err)
+        raise
+    finally:
+        summary |= {
+            "way": task_cfg.way, "shots": task_cfg.shots, "queries": task_cfg.queries,
+            "seeds": {"seed": typed.seed, "eval_seed": task_cfg.eval_seed,
+                      "split_seed": task_cfg.split_seed, "split": task_cfg.split},
+            "data": data.summary(), "device": str(device),
+            "peak_memory_mb": peak_memory_mb(device), "wall_seconds": time.time() - started,
+            "wandb_run_id": logger.wandb_id, "versions": meta["versions"],
+            "git_commit": meta["git_commit"],
+        }  # fmt: skip
+        write_json(run_dir / "summary.json", summary)
+        logger.summary({k: v for k, v in summary.items() if k in ("test", "val", "train")})
+        logger.close()

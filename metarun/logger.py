@@ -1,0 +1,113 @@
+"""One small logging interface with three sinks: stdout, metrics.jsonl, Weights & Biases.
+
+Metric names are namespaced (`train/`, `val/`, `test/`); every sink gets the same dicts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+from metarun.config import LoggerConfig
+from metarun.errors import MetarunError
+
+log = logging.getLogger("metarun")
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+class Sink(Protocol):
+    def log(self, metrics: dict[str, float], step: int) -> None: ...
+    def summary(self, values: dict[str, Any]) -> None: ...
+    def close(self) -> None: ...
+
+
+class StdoutSink:
+    """Validation and test lines; training metrics only when no progress bar shows them."""
+
+    def __init__(self, show_train: bool) -> None:
+        self.show_train = show_train
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        shown = {k: v for k, v in metrics.items() if self.show_train or not k.startswith("train/")}
+        if shown:
+            text = "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+                             for k, v in shown.items())  # fmt: skip
+            log.info("step %d  %s", step, text)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class JsonlSink:
+    """metrics.jsonl: one line per log call, flushed at once so a crash loses nothing."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = path.open("a")
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        clean = {k: (None if isinstance(v, float) and math.isnan(v) else v)
+                 for k, v in metrics.items()}  # fmt: skip
+        self.file.write(json.dumps({"step": step, **clean}) + "\n")
+        self.file.flush()
+
+    def summary(self, values: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class WandbSink:
+    def __init__(self, cfg: LoggerConfig, run_dir: Path, name: str, group: str | None,
+                 config: dict, resume_id: str | None = None) -> None:  # fmt: skip
+        if cfg.mode not in WANDB_MODES:
+            raise MetarunError(f"logger.mode={cfg.mode}; use one of {', '.join(WANDB_MODES)}")
+        import wandb
+
+        self.run = wandb.init(
+            project=cfg.project, entity=cfg.entity, name=name, group=cfg.group or group,
+            tags=list(cfg.tags), config=config, dir=str(run_dir),
+            mode=os.environ.get("WANDB_MODE", cfg.mode), id=resume_id,
+            resume="allow" if resume_id else None,
+        )  # fmt: skip
+        self.id = self.run.id
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.run.log(metrics, step=step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        for key, value in values.items():
+            self.run.summary[key] = value
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class Logger:
+    """Fans each call out to every sink."""
+
+    def __init__(self, sinks: list[Sink]) -> None:
+        self.sinks = sinks
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for sink in self.sinks:
+            sink.log(metrics, step)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        for sink in self.sinks:
+            sink.summary(values)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+    @property
+    def wandb_id(self) -> str | None:
+        return next((s.id for s in self.sinks if isinstance(s, WandbSink)), None)

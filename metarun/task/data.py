@@ -1,0 +1,126 @@
+"""A task's texts in one table, and its classes split into disjoint train / valid / test sets.
+
+Splits come from published label files or from `task.split_seed`, never from the run seed, so
+every run and every algorithm sees the same held-out classes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from metarun.config import TaskConfig
+from metarun.errors import MetarunError
+from metarun.task import sources
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TaskData:
+    """All texts of a task (indexed by id) and, per split, class name -> text ids."""
+
+    texts: list[str]
+    splits: dict[str, dict[str, np.ndarray]]
+    label_names: dict[str, str] = field(default_factory=dict)  # class -> readable name
+    dropped: dict[str, int] = field(default_factory=dict)  # split -> classes too small
+
+    def summary(self) -> dict:
+        return {
+            split: {"classes": len(c), "texts": int(sum(len(v) for v in c.values()))}
+            for split, c in self.splits.items()
+        } | {"dropped_classes": self.dropped}
+
+
+def seeded_class_split(labels: list[str], fractions: list[float], seed: int) -> dict[str, list]:
+    """Split class names into train / valid / test by fraction with a fixed generator."""
+    if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1) > 1e-6:
+        raise MetarunError(
+            f"task.class_split={list(fractions)} must be three positive fractions summing to 1"
+        )
+    order = [str(x) for x in np.random.default_rng(seed).permutation(sorted(labels))]
+    n_train = round(fractions[0] * len(order))
+    n_valid = round(fractions[1] * len(order))
+    return {
+        "train": order[:n_train],
+        "valid": order[n_train : n_train + n_valid],
+        "test": order[n_train + n_valid :],
+    }
+
+
+def _read(cfg: TaskConfig) -> tuple[dict[str, list[str]], dict[str, list] | None, dict]:
+    """Texts by label, the published split if any, and readable label names."""
+    if cfg.source == "icd10":
+        by_label, names = sources.read_icd10()
+        return by_label, None, names
+    if cfg.source != "auto":
+        raise MetarunError(f"task.source={cfg.source} is unknown; use auto or icd10")
+    text_col, label_col = cfg.text_column, cfg.label_column
+    if cfg.data_dir is not None:
+        root = Path(cfg.data_dir).expanduser()
+        by_label, split = sources.read_split_dir(root, cfg.split, text_col, label_col, "task.data_dir")
+        return by_label, split, {}
+    if cfg.path is None:
+        raise MetarunError(
+            "the task has no data: set task.path=<file.jsonl|.csv|.parquet, split-format folder "
+            "or HF dataset id> or task.data_dir=<split-format folder>"
+        )
+    path = Path(cfg.path).expanduser()
+    if path.is_dir():
+        by_label, split = sources.read_split_dir(path, cfg.split, text_col, label_col, "task.path")
+        return by_label, split, {}
+    if path.is_file():
+        return sources.read_file(path, text_col, label_col), None, {}
+    if path.suffix.lower() in sources.FILE_BUILDERS or path.is_absolute() or cfg.path[0] == ".":
+        raise MetarunError(f"task.path={cfg.path} does not exist; give an existing file or folder")
+    return sources.read_hub(cfg.path, cfg.hub_config, text_col, label_col), None, {}
+
+
+def readable(label: str) -> str:
+    """`card_payment_wrong_exchange_rate` -> `card payment wrong exchange rate`."""
+    return label.replace("_", " ").replace("-", " ").strip()
+
+
+def load_task(cfg: TaskConfig) -> TaskData:
+    by_label, published, names = _read(cfg)
+    split = published or seeded_class_split(list(by_label), list(cfg.class_split), cfg.split_seed)
+    texts: list[str] = []
+    index: dict[str, int] = {}
+    splits: dict[str, dict[str, np.ndarray]] = {}
+    dropped: dict[str, int] = {}
+    need = cfg.shots + cfg.queries
+    for name in sources.SPLIT_NAMES:
+        kept: dict[str, np.ndarray] = {}
+        for label in split[name]:
+            pool = by_label[label]
+            if len(pool) < need:
+                continue
+            kept[label] = np.array([index.setdefault(t, len(index)) for t in pool], dtype=np.int64)
+        dropped[name] = len(split[name]) - len(kept)
+        splits[name] = kept
+        if dropped[name]:
+            log.info(
+                "%s: dropped %d of %d classes with fewer than %d (shots + queries) texts",
+                name, dropped[name], len(split[name]), need,
+            )  # fmt: skip
+    texts = list(index)
+    label_names = {lab: names.get(lab) or readable(lab) for s in splits.values() for lab in s}
+    return TaskData(texts=texts, splits=splits, label_names=label_names, dropped=dropped)
+
+
+def check_feasible(data: TaskData, cfg: TaskConfig, needed: tuple[str, ...]) -> None:
+    """Fail before any training if an episode of the requested shape cannot be drawn."""
+    for key in ("way", "shots", "queries"):
+        if getattr(cfg, key) < (2 if key == "way" else 1):
+            raise MetarunError(f"task.{key}={getattr(cfg, key)} is too small")
+    for name in needed:
+        have = len(data.splits[name])
+        if cfg.way > have:
+            raise MetarunError(
+                f"task.way={cfg.way} but the {name} split has only {have} classes with at least "
+                f"{cfg.shots + cfg.queries} texts (task.shots + task.queries); "
+                f"lower task.way (<= {have}), task.shots or task.queries"
+            )

@@ -1,0 +1,84 @@
+"""N-way K-shot episodes as explicit data, drawn by samplers that own their generators."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Texts (as ids into the task's text table) with episode-local labels 0..way-1."""
+
+    ids: torch.Tensor  # long [n]
+    labels: torch.Tensor  # long [n]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class Episode:
+    support: Examples
+    query: Examples
+    way: int
+    shot: int
+    classes: tuple[str, ...]  # class names, in label order
+
+    def text_ids(self) -> torch.Tensor:
+        return torch.cat([self.support.ids, self.query.ids])
+
+
+def _examples(per_class: list[np.ndarray], rng: np.random.Generator) -> Examples:
+    ids = np.concatenate(per_class)
+    labels = np.concatenate([np.full(len(p), c) for c, p in enumerate(per_class)])
+    order = rng.permutation(len(ids))  # no algorithm may rely on examples being grouped by class
+    return Examples(torch.from_numpy(ids[order]), torch.from_numpy(labels[order]))
+
+
+class EpisodeSampler:
+    """Draws episodes from one split's classes; its generator is its own and checkpointable."""
+
+    def __init__(
+        self, classes: dict[str, np.ndarray], way: int, shot: int, queries: int, seed: Any
+    ) -> None:
+        self.names = sorted(classes)
+        self.pools = [classes[n] for n in self.names]
+        self.way, self.shot, self.queries = way, shot, queries
+        self.rng = np.random.default_rng(seed)
+
+    def sample(self) -> Episode:
+        chosen = self.rng.choice(len(self.names), size=self.way, replace=False)
+        support, query = [], []
+        for c in chosen:
+            picks = self.rng.choice(self.pools[c], size=self.shot + self.queries, replace=False)
+            support.append(picks[: self.shot])
+            query.append(picks[self.shot :])
+        return Episode(
+            support=_examples(support, self.rng),
+            query=_examples(query, self.rng),
+            way=self.way,
+            shot=self.shot,
+            classes=tuple(self.names[c] for c in chosen),
+        )
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+
+
+# Streams of one seed: evaluation splits never share draws with each other or with training.
+STREAM = {"train": 0, "valid": 1, "test": 2}
+
+
+def fixed_episodes(
+    classes: dict[str, np.ndarray], way: int, shot: int, queries: int, n: int, seed: int, split: str
+) -> list[Episode]:
+    """The same `n` episodes for every run and algorithm given (classes, shape, seed, split)."""
+    sampler = EpisodeSampler(classes, way, shot, queries, seed=[seed, STREAM[split]])
+    return [sampler.sample() for _ in range(n)]
