@@ -10,8 +10,10 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from metarun.config import register_configs
 from metarun.errors import MetarunError
@@ -37,18 +39,47 @@ def _app(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     group = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
     run_dir = Path(cfg.run_dir or hc.runtime.output_dir)
-    choices = {k: str(v) for k, v in hc.runtime.choices.items() if not k.startswith(("hydra", "schema"))}
-    try:
-        return run(cfg, run_dir, choices, group)
-    except MetarunError as err:
-        print(f"metarun: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    choices = {
+        k: str(v) for k, v in hc.runtime.choices.items() if not k.startswith(("hydra", "schema"))
+    }
+    return run(cfg, run_dir, choices, group)
+
+
+_NOISE = ("Config search path", "Set the environment variable HYDRA_FULL_ERROR")
+_DETAIL = ("full_key:", "reference_type=", "object_type=", "provider=")
+
+
+def one_line(err: BaseException) -> str:
+    """Hydra's multi-line composition errors as one line; keeps the options it lists."""
+    lines: list[str] = []
+    for source in (err, err.__cause__):
+        if source is None:
+            continue
+        for line in str(source).splitlines():
+            line = line.strip()
+            if line.startswith(_NOISE):
+                break
+            if line and not line.startswith(_DETAIL) and line not in lines:
+                lines.append(line.removeprefix("In 'config': "))
+    return " ".join(line if line.endswith((".", ":")) else line + "." for line in lines)
 
 
 def main() -> None:
+    """Entry point; a mistake in the command line or config ends in one line and exit code 2."""
     register_configs()
     _quiet_libraries()
-    _app()
+    if os.environ.get("HYDRA_FULL_ERROR"):  # the user asked for Hydra's full traces
+        _app()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's printer
+    try:
+        _app()
+    except MetarunError as err:
+        print(f"metarun: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except (HydraException, OmegaConfBaseException) as err:
+        print(f"metarun: error: {one_line(err)}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,9 @@ def setup_hardware(hw: HardwareConfig) -> tuple[torch.device, Callable]:
     except RuntimeError as err:
         raise MetarunError(f"hardware.device={hw.device} is not a device name") from err
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise MetarunError(f"hardware.device={hw.device} but no CUDA GPU is visible; use hardware=cpu")
+        raise MetarunError(
+            f"hardware.device={hw.device} but no CUDA GPU is visible; use hardware=cpu"
+        )
     if hw.threads > 0:
         torch.set_num_threads(hw.threads)
     torch.set_float32_matmul_precision("high" if hw.tf32 else "highest")
@@ -65,7 +67,8 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def build_logger(cfg: MetarunConfig, run_dir: Path, name: str, group: str | None,
                  resolved: dict) -> Logger:  # fmt: skip
-    sinks: list = [StdoutSink(show_train=not cfg.logger.progress), JsonlSink(run_dir / "metrics.jsonl")]
+    train_every = 0 if cfg.logger.progress else 10
+    sinks: list = [StdoutSink(train_every), JsonlSink(run_dir / "metrics.jsonl")]
     if cfg.logger.wandb:
         sinks.append(WandbSink(cfg.logger, run_dir, name, group, resolved))
     return Logger(sinks)
@@ -78,7 +81,12 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], group: str | No
     typed: MetarunConfig = OmegaConf.to_object(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
-    meta = {"config": resolved, "choices": choices, "versions": versions(), "git_commit": git_commit()}
+    meta = {
+        "config": resolved,
+        "choices": choices,
+        "versions": versions(),
+        "git_commit": git_commit(),
+    }
     write_json(run_dir / "environment.json", {k: v for k, v in meta.items() if k != "config"})
 
     device, autocast = setup_hardware(typed.hardware)
@@ -95,7 +103,9 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], group: str | No
     shape = (task_cfg.way, task_cfg.shots, task_cfg.queries)
     val = fixed_episodes(data.splits["valid"], *shape, task_cfg.val_episodes, task_cfg.eval_seed,
                          "valid") if train_cfg.steps > 0 else []  # fmt: skip
-    test = fixed_episodes(data.splits["test"], *shape, task_cfg.test_episodes, task_cfg.eval_seed, "test")
+    test = fixed_episodes(
+        data.splits["test"], *shape, task_cfg.test_episodes, task_cfg.eval_seed, "test"
+    )
     sampler = EpisodeSampler(data.splits["train"], *shape, seed=[typed.seed, STREAM["train"]])
 
     logger = build_logger(typed, run_dir, run_dir.name, group, resolved)

@@ -26,15 +26,17 @@ class Sink(Protocol):
 
 
 class StdoutSink:
-    """Validation and test lines; training metrics only when no progress bar shows them."""
+    """Validation and test lines; training lines every `train_every` steps (0: never, as when a
+    progress bar already shows them)."""
 
-    def __init__(self, show_train: bool) -> None:
-        self.show_train = show_train
+    def __init__(self, train_every: int) -> None:
+        self.train_every = train_every
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        shown = {k: v for k, v in metrics.items() if self.show_train or not k.startswith("train/")}
+        show_train = self.train_every > 0 and step % self.train_every == 0
+        shown = {k: v for k, v in metrics.items() if show_train or not k.startswith("train/")}
         if shown:
-            text = "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
+            text = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                              for k, v in shown.items())  # fmt: skip
             log.info("step %d  %s", step, text)
 

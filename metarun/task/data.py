@@ -54,6 +54,11 @@ def seeded_class_split(labels: list[str], fractions: list[float], seed: int) -> 
 def _read(cfg: TaskConfig) -> tuple[dict[str, list[str]], dict[str, list] | None, dict]:
     """Texts by label, the published split if any, and readable label names."""
     if cfg.source == "icd10":
+        if cfg.data_dir or cfg.path:
+            raise MetarunError(
+                "task.source=icd10 reads the built-in ICD-10-CM data and ignores task.data_dir / "
+                "task.path; for your own data use task=local (or task=banking77|clinc150)"
+            )
         by_label, names = sources.read_icd10()
         return by_label, None, names
     if cfg.source != "auto":
@@ -61,7 +66,9 @@ def _read(cfg: TaskConfig) -> tuple[dict[str, list[str]], dict[str, list] | None
     text_col, label_col = cfg.text_column, cfg.label_column
     if cfg.data_dir is not None:
         root = Path(cfg.data_dir).expanduser()
-        by_label, split = sources.read_split_dir(root, cfg.split, text_col, label_col, "task.data_dir")
+        by_label, split = sources.read_split_dir(
+            root, cfg.split, text_col, label_col, "task.data_dir"
+        )
         return by_label, split, {}
     if cfg.path is None:
         raise MetarunError(

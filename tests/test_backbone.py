@@ -1,0 +1,94 @@
+"""The encoder: one-time tokenisation, pooling, functional parameter overrides, eval cache."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metarun.backbone import load_backbone, set_trainable
+from metarun.config import BackboneConfig
+from metarun.errors import MetarunError
+
+TEXTS = ["short text", "a much longer text with many more tokens in it than the first", "third"]
+
+
+def test_embeddings_do_not_depend_on_batch_padding(tiny_encoder):
+    tiny_encoder.set_texts(TEXTS)
+    tiny_encoder.eval()
+    alone = tiny_encoder(torch.tensor([0]))
+    batched = tiny_encoder(torch.tensor([0, 1]))
+    assert alone.shape == (1, tiny_encoder.dim)
+    assert torch.allclose(alone[0], batched[0], atol=1e-5)
+
+
+def test_cls_and_mean_pooling_differ(tiny_encoder):
+    tiny_encoder.set_texts(TEXTS)
+    tiny_encoder.eval()
+    mean = tiny_encoder(torch.tensor([1]))
+    tiny_encoder.pooling = "cls"
+    assert not torch.allclose(mean, tiny_encoder(torch.tensor([1])))
+
+
+def test_tokenised_once_and_truncated(tiny_encoder):
+    tiny_encoder.set_texts(TEXTS * 3)
+    assert tiny_encoder.tokens.shape[0] == 9
+    assert int(tiny_encoder.lengths.max()) <= tiny_encoder.max_length
+    batch = tiny_encoder.batch(torch.tensor([0, 2]))
+    assert batch["input_ids"].shape[1] == int(tiny_encoder.lengths[[0, 2]].max())
+
+
+def test_functional_params_override_without_touching_the_module(tiny_encoder):
+    tiny_encoder.set_texts(TEXTS)
+    tiny_encoder.eval()
+    ids = torch.tensor([0, 1])
+    base = tiny_encoder(ids)
+    name, weight = next(
+        (n, p) for n, p in tiny_encoder.model.named_parameters() if "dense.weight" in n
+    )
+    before = weight.detach().clone()
+    changed = tiny_encoder(ids, params={name: weight + torch.randn_like(weight)})
+    assert not torch.allclose(base, changed)
+    assert torch.equal(weight, before)
+    assert torch.allclose(tiny_encoder(ids), base)
+
+
+def test_cache_matches_direct_encoding_and_is_bypassed_by_params(tiny_encoder):
+    tiny_encoder.set_texts(TEXTS)
+    tiny_encoder.eval()
+    direct = tiny_encoder(torch.tensor([2, 0]))
+    name, weight = next(iter(tiny_encoder.model.named_parameters()))
+    with torch.no_grad(), tiny_encoder.cached(torch.tensor([0, 2, 2])):
+        assert torch.allclose(tiny_encoder(torch.tensor([2, 0])), direct, atol=1e-6)
+        with pytest.raises(RuntimeError, match="outside the evaluation cache"):
+            tiny_encoder(torch.tensor([1]))
+        tiny_encoder(torch.tensor([1]), params={name: weight})  # adapted calls are computed
+    assert tiny_encoder._cache is None
+
+
+def test_top_k_trains_only_the_last_layers(tiny_encoder):
+    model = tiny_encoder.model
+    set_trainable(model, "top_k", 1)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".layer.1." in n for n in trainable)
+    set_trainable(model, "none", 0)
+    assert not any(p.requires_grad for p in model.parameters())
+    with pytest.raises(MetarunError, match="backbone.top_k=5"):
+        set_trainable(model, "top_k", 5)
+
+
+def test_offline_hub_id_fails_with_the_fix():
+    with pytest.raises(MetarunError) as err:
+        load_backbone(BackboneConfig(path="bert-base-uncased"))
+    assert "backbone=minilm" in str(err.value) and "backbone.path=/local/dir" in str(err.value)
+
+
+def test_minilm_loads_from_the_package(compose_cfg):
+    from omegaconf import OmegaConf
+
+    enc = load_backbone(OmegaConf.to_object(compose_cfg()).backbone)
+    assert enc.dim == 384 and sum(p.numel() for p in enc.parameters()) > 20e6
+    enc.set_texts(["I lost my card", "my card is gone", "what is the weather"])
+    enc.eval()
+    with torch.no_grad():
+        e = torch.nn.functional.normalize(enc(torch.tensor([0, 1, 2])), dim=-1)
+    assert e[0] @ e[1] > e[0] @ e[2]  # real pretrained weights: paraphrases are closer
