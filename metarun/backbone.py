@@ -48,9 +48,12 @@ class Encoder(nn.Module):
     def set_texts(self, texts: Sequence[str]) -> None:
         """Tokenise every text of the task once; later calls only gather rows by id."""
         enc = self.tokenizer(
-            list(texts), truncation=True, max_length=self.max_length, padding="longest",
+            list(texts),
+            truncation=True,
+            max_length=self.max_length,
+            padding="longest",
             return_tensors="pt",
-        )  # fmt: skip
+        )
         device = self.tokens.device
         self.tokens = enc["input_ids"].to(device)
         self.lengths = enc["attention_mask"].sum(1).to(device)

@@ -65,8 +65,9 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def build_logger(cfg: MetarunConfig, run_dir: Path, name: str, group: str | None,
-                 resolved: dict) -> Logger:  # fmt: skip
+def build_logger(
+    cfg: MetarunConfig, run_dir: Path, name: str, group: str | None, resolved: dict
+) -> Logger:
     train_every = 0 if cfg.logger.progress else 10
     sinks: list = [StdoutSink(train_every), JsonlSink(run_dir / "metrics.jsonl")]
     if cfg.logger.wandb:
@@ -101,8 +102,13 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], group: str | No
     encoder.set_texts(data.texts)
     algo = build_algorithm(cfg.algo, encoder, task_cfg.way).to(device)
     shape = (task_cfg.way, task_cfg.shots, task_cfg.queries)
-    val = fixed_episodes(data.splits["valid"], *shape, task_cfg.val_episodes, task_cfg.eval_seed,
-                         "valid") if train_cfg.steps > 0 else []  # fmt: skip
+    val = (
+        fixed_episodes(
+            data.splits["valid"], *shape, task_cfg.val_episodes, task_cfg.eval_seed, "valid"
+        )
+        if train_cfg.steps > 0
+        else []
+    )
     test = fixed_episodes(
         data.splits["test"], *shape, task_cfg.test_episodes, task_cfg.eval_seed, "test"
     )
@@ -111,41 +117,73 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], group: str | No
     logger = build_logger(typed, run_dir, run_dir.name, group, resolved)
     summary: dict[str, Any] = {"status": "failed", "run_dir": str(run_dir), **choices}
     try:
-        trainer = Trainer(algo, train_cfg, sampler, val, logger, run_dir / "checkpoint.pt",
-                          meta, autocast, progress=typed.logger.progress)  # fmt: skip
+        trainer = Trainer(
+            algo,
+            train_cfg,
+            sampler,
+            val,
+            logger,
+            run_dir / "checkpoint.pt",
+            meta,
+            autocast,
+            progress=typed.logger.progress,
+        )
         fit = trainer.fit()
         result = evaluate(algo, test, autocast)
         logger.log(result.metrics("test"), fit.steps_done)
-        write_json(run_dir / "test_episodes.json", {
-            "eval_seed": task_cfg.eval_seed, "accuracy": result.accuracies.tolist(),
-            "macro_f1": result.macro_f1s.tolist(),
-            "classes": [list(ep.classes) for ep in test],
-        })  # fmt: skip
+        write_json(
+            run_dir / "test_episodes.json",
+            {
+                "eval_seed": task_cfg.eval_seed,
+                "accuracy": result.accuracies.tolist(),
+                "macro_f1": result.macro_f1s.tolist(),
+                "classes": [list(ep.classes) for ep in test],
+            },
+        )
         summary |= {
             "status": "completed",
-            "test": {"acc": result.acc, "acc_ci95": result.ci95, "f1": result.f1,
-                     "episodes": len(test)},
+            "test": {
+                "acc": result.acc,
+                "acc_ci95": result.ci95,
+                "f1": result.f1,
+                "episodes": len(test),
+            },
             "val": {"best_acc": fit.best_val_acc, "best_step": fit.best_step, "episodes": len(val)},
             "train": asdict(fit),
-            "checkpoint": str(trainer.checkpoint_path) if trainer.best_state is not None
-            and train_cfg.save_checkpoint else None,
-        }  # fmt: skip
-        log.info("test accuracy %.2f%% ± %.2f (95%% CI, %d episodes), macro-F1 %.2f%%",
-                 100 * result.acc, 100 * result.ci95, len(test), 100 * result.f1)  # fmt: skip
+            "checkpoint": str(trainer.checkpoint_path)
+            if trainer.best_state is not None and train_cfg.save_checkpoint
+            else None,
+        }
+        log.info(
+            "test accuracy %.2f%% ± %.2f (95%% CI, %d episodes), macro-F1 %.2f%%",
+            100 * result.acc,
+            100 * result.ci95,
+            len(test),
+            100 * result.f1,
+        )
         return fit.best_val_acc if fit.best_val_acc is not None else float("nan")
     except MetarunError as err:
         summary["error"] = str(err)
         raise
     finally:
         summary |= {
-            "way": task_cfg.way, "shots": task_cfg.shots, "queries": task_cfg.queries,
-            "seeds": {"seed": typed.seed, "eval_seed": task_cfg.eval_seed,
-                      "split_seed": task_cfg.split_seed, "split": task_cfg.split},
-            "data": data.summary(), "device": str(device),
-            "peak_memory_mb": peak_memory_mb(device), "wall_seconds": time.time() - started,
-            "wandb_run_id": logger.wandb_id, "versions": meta["versions"],
+            "way": task_cfg.way,
+            "shots": task_cfg.shots,
+            "queries": task_cfg.queries,
+            "seeds": {
+                "seed": typed.seed,
+                "eval_seed": task_cfg.eval_seed,
+                "split_seed": task_cfg.split_seed,
+                "split": task_cfg.split,
+            },
+            "data": data.summary(),
+            "device": str(device),
+            "peak_memory_mb": peak_memory_mb(device),
+            "wall_seconds": time.time() - started,
+            "wandb_run_id": logger.wandb_id,
+            "versions": meta["versions"],
             "git_commit": meta["git_commit"],
-        }  # fmt: skip
+        }
         write_json(run_dir / "summary.json", summary)
         logger.summary({k: v for k, v in summary.items() if k in ("test", "val", "train")})
         logger.close()

@@ -36,8 +36,9 @@ class StdoutSink:
         show_train = self.train_every > 0 and step % self.train_every == 0
         shown = {k: v for k, v in metrics.items() if show_train or not k.startswith("train/")}
         if shown:
-            text = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                             for k, v in shown.items())  # fmt: skip
+            text = "  ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items()
+            )
             log.info("step %d  %s", step, text)
 
     def summary(self, values: dict[str, Any]) -> None:
@@ -54,8 +55,9 @@ class JsonlSink:
         self.file = path.open("a")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        clean = {k: (None if isinstance(v, float) and math.isnan(v) else v)
-                 for k, v in metrics.items()}  # fmt: skip
+        clean = {
+            k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()
+        }
         self.file.write(json.dumps({"step": step, **clean}) + "\n")
         self.file.flush()
 
@@ -67,18 +69,31 @@ class JsonlSink:
 
 
 class WandbSink:
-    def __init__(self, cfg: LoggerConfig, run_dir: Path, name: str, group: str | None,
-                 config: dict, resume_id: str | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        cfg: LoggerConfig,
+        run_dir: Path,
+        name: str,
+        group: str | None,
+        config: dict,
+        resume_id: str | None = None,
+    ) -> None:
         if cfg.mode not in WANDB_MODES:
             raise MetarunError(f"logger.mode={cfg.mode}; use one of {', '.join(WANDB_MODES)}")
         import wandb
 
         self.run = wandb.init(
-            project=cfg.project, entity=cfg.entity, name=name, group=cfg.group or group,
-            tags=list(cfg.tags), config=config, dir=str(run_dir),
-            mode=os.environ.get("WANDB_MODE", cfg.mode), id=resume_id,
+            project=cfg.project,
+            entity=cfg.entity,
+            name=name,
+            group=cfg.group or group,
+            tags=list(cfg.tags),
+            config=config,
+            dir=str(run_dir),
+            mode=os.environ.get("WANDB_MODE", cfg.mode),
+            id=resume_id,
             resume="allow" if resume_id else None,
-        )  # fmt: skip
+        )
         self.id = self.run.id
 
     def log(self, metrics: dict[str, float], step: int) -> None:

@@ -12,8 +12,17 @@ from typing import Any
 
 import torch
 
-PACKAGES = ("metarun", "torch", "transformers", "datasets", "hydra-core", "omegaconf", "peft",
-            "wandb", "numpy")  # fmt: skip
+PACKAGES = (
+    "metarun",
+    "torch",
+    "transformers",
+    "datasets",
+    "hydra-core",
+    "omegaconf",
+    "peft",
+    "wandb",
+    "numpy",
+)
 
 
 def versions() -> dict[str, str]:
@@ -30,10 +39,19 @@ def git_commit() -> str | None:
     """The commit of the metarun source tree, with '-dirty' if it has local changes."""
     here = Path(__file__).resolve().parent
     try:
-        head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=10, check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--", "."],
-                               capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+        head = subprocess.run(
+            ["git", "-C", str(here), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(here), "status", "--porcelain", "--", "."],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None  # an installed wheel has no repository: its version identifies the code
     return head + ("-dirty" if dirty else "")

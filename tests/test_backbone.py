@@ -72,7 +72,7 @@ def test_top_k_trains_only_the_last_layers(tiny_encoder):
     assert trainable and all(".layer.1." in n for n in trainable)
     set_trainable(model, "none", 0)
     assert not any(p.requires_grad for p in model.parameters())
-    with pytest.raises(MetarunError, match="backbone.top_k=5"):
+    with pytest.raises(MetarunError, match=r"backbone\.top_k=5"):
         set_trainable(model, "top_k", 5)
 
 

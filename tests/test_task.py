@@ -47,14 +47,17 @@ def test_class_split_depends_on_split_seed_only():
     assert a == seeded_class_split(list(reversed(labels)), [0.6, 0.2, 0.2], seed=0)
     assert a != seeded_class_split(labels, [0.6, 0.2, 0.2], seed=1)
     assert [len(a[s]) for s in ("train", "valid", "test")] == [30, 10, 10]
-    with pytest.raises(MetarunError, match="task.class_split"):
+    with pytest.raises(MetarunError, match=r"task\.class_split"):
         seeded_class_split(labels, [0.5, 0.2, 0.2], seed=0)
 
 
 def test_split_dir_uses_published_classes(tmp_path):
     rows = synthetic_rows(per_class=8)
-    splits = {"train": ["weather", "music", "food"], "valid": ["sport", "travel"],
-              "test": ["money", "health"]}  # fmt: skip
+    splits = {
+        "train": ["weather", "music", "food"],
+        "valid": ["sport", "travel"],
+        "test": ["money", "health"],
+    }
     root = _split_dir(tmp_path / "d", rows, splits)
     data = load_task(TaskConfig(data_dir=str(root), way=2, shots=1, queries=2))
     assert {s: sorted(c) for s, c in data.splits.items()} == {
@@ -67,11 +70,12 @@ def test_split_dir_uses_published_classes(tmp_path):
 def test_split_dir_errors_name_the_problem(tmp_path):
     with pytest.raises(MetarunError, match=r"task.data_dir=.*does not exist"):
         load_task(TaskConfig(data_dir=str(tmp_path / "nope")))
-    root = _split_dir(tmp_path / "d", synthetic_rows(4), {"train": ["dog_show"], "valid": [],
-                                                           "test": []})  # fmt: skip
+    root = _split_dir(
+        tmp_path / "d", synthetic_rows(4), {"train": ["dog_show"], "valid": [], "test": []}
+    )
     with pytest.raises(MetarunError, match="dog_show"):
         load_task(TaskConfig(data_dir=str(root)))
-    with pytest.raises(MetarunError, match="task.split to one of: 01"):
+    with pytest.raises(MetarunError, match=r"task\.split to one of: 01"):
         load_task(TaskConfig(data_dir=str(root), split="07"))
 
 
@@ -81,9 +85,11 @@ def test_local_files_of_each_format(tmp_path, suffix):
 
     df = pd.DataFrame([{"utterance": r["text"], "intent": r["label"]} for r in synthetic_rows(7)])
     path = tmp_path / f"data{suffix}"
-    {".jsonl": lambda: df.to_json(path, orient="records", lines=True),
-     ".csv": lambda: df.to_csv(path, index=False),
-     ".parquet": lambda: df.to_parquet(path)}[suffix]()  # fmt: skip
+    {
+        ".jsonl": lambda: df.to_json(path, orient="records", lines=True),
+        ".csv": lambda: df.to_csv(path, index=False),
+        ".parquet": lambda: df.to_parquet(path),
+    }[suffix]()
     cfg = TaskConfig(path=str(path), text_column="utterance", label_column="intent", shots=2)
     data = load_task(cfg)
     assert sum(len(s) for s in data.splits.values()) == 12

@@ -111,8 +111,11 @@ def load_task(cfg: TaskConfig) -> TaskData:
         if dropped[name]:
             log.info(
                 "%s: dropped %d of %d classes with fewer than %d (shots + queries) texts",
-                name, dropped[name], len(split[name]), need,
-            )  # fmt: skip
+                name,
+                dropped[name],
+                len(split[name]),
+                need,
+            )
     texts = list(index)
     label_names = {lab: names.get(lab) or readable(lab) for s in splits.values() for lab in s}
     return TaskData(texts=texts, splits=splits, label_names=label_names, dropped=dropped)
