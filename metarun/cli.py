@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -42,7 +43,16 @@ def _app(cfg: DictConfig) -> float:
     choices = {
         k: str(v) for k, v in hc.runtime.choices.items() if not k.startswith(("hydra", "schema"))
     }
-    return run(cfg, run_dir, choices, group)
+    try:
+        return run(cfg, run_dir, choices, group)
+    except MetarunError as err:  # exit here: a re-raise would make Hydra print a second line
+        job = f"[job {hc.job.num}: {','.join(hc.overrides.task)}] " if group else ""
+        _fail(f"{job}{err}")
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"metarun: error: {message}", file=sys.stderr)
+    sys.exit(2)
 
 
 _NOISE = ("Config search path", "Set the environment variable HYDRA_FULL_ERROR")
@@ -74,12 +84,10 @@ def main() -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # let errors reach us instead of Hydra's printer
     try:
         _app()
-    except MetarunError as err:
-        print(f"metarun: error: {err}", file=sys.stderr)
-        sys.exit(2)
+    except MetarunError as err:  # raised before any job starts
+        _fail(str(err))
     except (HydraException, OmegaConfBaseException) as err:
-        print(f"metarun: error: {one_line(err)}", file=sys.stderr)
-        sys.exit(2)
+        _fail(one_line(err))
 
 
 if __name__ == "__main__":

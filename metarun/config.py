@@ -116,10 +116,18 @@ def package_model_path(module: str) -> str:
     return str(mod.get_model_path())
 
 
+def safe_name(text: str, limit: int = 120) -> str:
+    """Resolver `${safe_name:...}`: a folder name from sweep overrides (no '/', bounded length)."""
+    cleaned = "".join(c if c.isalnum() or c in "=,._-+" else "_" for c in str(text))
+    return cleaned[:limit].rstrip("_,") or "job"
+
+
 def register_configs() -> None:
     """Register schemas and resolvers; idempotent, called before every composition."""
     if not OmegaConf.has_resolver("pkg_model"):
         OmegaConf.register_new_resolver("pkg_model", package_model_path)
+    if not OmegaConf.has_resolver("safe_name"):
+        OmegaConf.register_new_resolver("safe_name", safe_name)
     cs = ConfigStore.instance()
     cs.store(name="metarun_schema", node=MetarunConfig)
     for name, node in ALGO_SCHEMAS.items():

