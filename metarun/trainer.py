@@ -89,9 +89,10 @@ class Trainer:
             with self.autocast():
                 loss, metrics = self.algo.meta_loss(part)
             if not torch.isfinite(loss):
+                value = float(loss.detach())
                 raise MetarunError(
-                    f"train/loss is {float(loss)} at step {step}: lower train.lr (now {cfg.lr}) "
-                    "or set train.grad_clip; metrics.jsonl and the best checkpoint so far are kept"
+                    f"train/loss is {value} at step {step}: lower train.lr (now {cfg.lr}) or set "
+                    "train.grad_clip; metrics.jsonl and the best checkpoint so far are kept"
                 )
             (loss * len(part) / len(episodes)).backward()
             for key, value in metrics.items():
