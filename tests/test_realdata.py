@@ -1,0 +1,41 @@
+"""Real data (../shared/data): pretrained MiniLM on BANKING77's published split 01."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.cli_helpers import metarun, read_jsonl, run_dirs
+from tests.conftest import SHARED_DATA
+
+BANKING = SHARED_DATA / "banking77"
+pytestmark = [
+    pytest.mark.realdata,
+    pytest.mark.slow,
+    pytest.mark.skipif(not (BANKING / "full.jsonl").is_file(), reason=f"{BANKING} is absent"),
+]
+BASE = ["task=banking77", f"task.data_dir={BANKING}", "task.split=01", "task.shots=1",
+        "logger.progress=false"]  # fmt: skip
+
+
+def test_frozen_minilm_baseline_on_banking77(tmp_path):
+    proc = metarun(*BASE, "train.steps=0", "task.test_episodes=200", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (run,) = run_dirs(tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["data"]["test"] == {"classes": 27, "texts": 4661}  # the published test classes
+    # Chance is 20%; a pretrained sentence encoder separates banking intents far better.
+    assert 0.6 < summary["test"]["acc"] < 1.0
+    assert summary["test"]["acc_ci95"] < 0.05
+
+
+def test_protonet_training_logs_validation_by_step(tmp_path):
+    proc = metarun(*BASE, "train.steps=6", "train.val_interval=3", "task.val_episodes=20",
+                   "task.test_episodes=40", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (run,) = run_dirs(tmp_path)
+    val = [(m["step"], m["val/acc"]) for m in read_jsonl(run / "metrics.jsonl") if "val/acc" in m]
+    assert [s for s, _ in val] == [3, 6] and all(0.4 < a <= 1 for _, a in val)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["val"]["best_step"] in (3, 6) and summary["test"]["acc"] > 0.5
