@@ -91,13 +91,14 @@ class Encoder(nn.Module):
         Valid because evaluation never changes the encoder's own parameters: adapted weights
         always arrive as `params`, and those calls bypass the cache.
         """
-        ids = torch.unique(ids)
+        ids = torch.unique(ids.to(self.tokens.device))
+        ids = ids[torch.argsort(self.lengths[ids])]  # similar lengths per batch: little padding
         chunks = []
         with torch.no_grad():
             for start in range(0, len(ids), batch_size):
                 chunks.append(self(ids[start : start + batch_size]))
         row = torch.full((len(self.tokens),), -1, dtype=torch.long, device=self.tokens.device)
-        row[ids.to(row.device)] = torch.arange(len(ids), device=row.device)
+        row[ids] = torch.arange(len(ids), device=row.device)
         self._cache, self._cache_row = torch.cat(chunks), row
         try:
             yield

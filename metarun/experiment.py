@@ -26,7 +26,14 @@ from metarun.errors import MetarunError
 from metarun.evaluate import evaluate
 from metarun.logger import JsonlSink, Logger, StdoutSink, WandbSink
 from metarun.record import git_commit, versions, write_json
-from metarun.task import STREAM, EpisodeSampler, check_feasible, fixed_episodes, load_task
+from metarun.task import (
+    STREAM,
+    EpisodeSampler,
+    TaskData,
+    check_feasible,
+    fixed_episodes,
+    load_task,
+)
 from metarun.trainer import Trainer
 
 log = logging.getLogger("metarun")
@@ -75,6 +82,33 @@ def build_logger(
     return Logger(sinks)
 
 
+def make_episodes(data: TaskData, cfg: MetarunConfig) -> tuple[EpisodeSampler, list, list]:
+    """Training sampler (run seed) and the fixed validation / test episodes (eval seed)."""
+    task = cfg.task
+    shape = (task.way, task.shots, task.queries)
+    sampler = EpisodeSampler(data.splits["train"], *shape, seed=[cfg.seed, STREAM["train"]])
+    val = []
+    if cfg.train.steps > 0:
+        val = fixed_episodes(
+            data.splits["valid"], *shape, task.val_episodes, task.eval_seed, "valid"
+        )
+    test = fixed_episodes(data.splits["test"], *shape, task.test_episodes, task.eval_seed, "test")
+    return sampler, val, test
+
+
+def run_facts(cfg: MetarunConfig, data: TaskData, device: torch.device) -> dict[str, Any]:
+    task = cfg.task
+    return {
+        "way": task.way,
+        "shots": task.shots,
+        "queries": task.queries,
+        "seeds": {"seed": cfg.seed, "eval_seed": task.eval_seed, "split_seed": task.split_seed,
+                  "split": task.split},
+        "data": data.summary(),
+        "device": str(device),
+    }  # fmt: skip
+
+
 def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], group: str | None) -> float:
     """Run one experiment into `run_dir`; returns the best validation accuracy (nan if none)."""
     started = time.time()
@@ -82,108 +116,52 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], group: str | No
     typed: MetarunConfig = OmegaConf.to_object(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
-    meta = {
-        "config": resolved,
-        "choices": choices,
-        "versions": versions(),
-        "git_commit": git_commit(),
-    }
-    write_json(run_dir / "environment.json", {k: v for k, v in meta.items() if k != "config"})
+    env = {"choices": choices, "versions": versions(), "git_commit": git_commit()}
+    write_json(run_dir / "environment.json", env)
 
     device, autocast = setup_hardware(typed.hardware)
     seed_everything(typed.seed)
-    task_cfg, train_cfg = typed.task, typed.train
-    data = load_task(task_cfg)
-    needed = ("train", "valid", "test") if train_cfg.steps > 0 else ("test",)
-    check_feasible(data, task_cfg, needed)
+    data = load_task(typed.task)
+    needed = ("train", "valid", "test") if typed.train.steps > 0 else ("test",)
+    check_feasible(data, typed.task, needed)
     log.info("task %s: %s", choices.get("task"), data.summary())
-
     encoder = load_backbone(typed.backbone)
     encoder.set_texts(data.texts)
-    algo = build_algorithm(cfg.algo, encoder, task_cfg.way).to(device)
-    shape = (task_cfg.way, task_cfg.shots, task_cfg.queries)
-    val = (
-        fixed_episodes(
-            data.splits["valid"], *shape, task_cfg.val_episodes, task_cfg.eval_seed, "valid"
-        )
-        if train_cfg.steps > 0
-        else []
-    )
-    test = fixed_episodes(
-        data.splits["test"], *shape, task_cfg.test_episodes, task_cfg.eval_seed, "test"
-    )
-    sampler = EpisodeSampler(data.splits["train"], *shape, seed=[typed.seed, STREAM["train"]])
+    algo = build_algorithm(cfg.algo, encoder, typed.task.way).to(device)
+    sampler, val, test = make_episodes(data, typed)
 
     logger = build_logger(typed, run_dir, run_dir.name, group, resolved)
     summary: dict[str, Any] = {"status": "failed", "run_dir": str(run_dir), **choices}
     try:
-        trainer = Trainer(
-            algo,
-            train_cfg,
-            sampler,
-            val,
-            logger,
-            run_dir / "checkpoint.pt",
-            meta,
-            autocast,
-            progress=typed.logger.progress,
-        )
+        trainer = Trainer(algo, typed.train, sampler, val, logger, run_dir / "checkpoint.pt",
+                          {"config": resolved, **env}, autocast, typed.logger.progress)  # fmt: skip
         fit = trainer.fit()
         result = evaluate(algo, test, autocast)
         logger.log(result.metrics("test"), fit.steps_done)
-        write_json(
-            run_dir / "test_episodes.json",
-            {
-                "eval_seed": task_cfg.eval_seed,
-                "accuracy": result.accuracies.tolist(),
-                "macro_f1": result.macro_f1s.tolist(),
-                "classes": [list(ep.classes) for ep in test],
-            },
-        )
+        write_json(run_dir / "test_episodes.json", {
+            "eval_seed": typed.task.eval_seed, "accuracy": result.accuracies.tolist(),
+            "macro_f1": result.macro_f1s.tolist(), "classes": [list(ep.classes) for ep in test],
+        })  # fmt: skip
         summary |= {
             "status": "completed",
-            "test": {
-                "acc": result.acc,
-                "acc_ci95": result.ci95,
-                "f1": result.f1,
-                "episodes": len(test),
-            },
+            "test": {"acc": result.acc, "acc_ci95": result.ci95, "f1": result.f1,
+                     "episodes": len(test)},
             "val": {"best_acc": fit.best_val_acc, "best_step": fit.best_step, "episodes": len(val)},
             "train": asdict(fit),
-            "checkpoint": str(trainer.checkpoint_path)
-            if trainer.best_state is not None and train_cfg.save_checkpoint
-            else None,
-        }
-        log.info(
-            "test accuracy %.2f%% ± %.2f (95%% CI, %d episodes), macro-F1 %.2f%%",
-            100 * result.acc,
-            100 * result.ci95,
-            len(test),
-            100 * result.f1,
-        )
+            "checkpoint": str(trainer.checkpoint_path) if trainer.saved_checkpoint else None,
+        }  # fmt: skip
+        log.info("test accuracy %.2f%% ± %.2f (95%% CI, %d episodes), macro-F1 %.2f%%",
+                 100 * result.acc, 100 * result.ci95, len(test), 100 * result.f1)  # fmt: skip
         return fit.best_val_acc if fit.best_val_acc is not None else float("nan")
     except MetarunError as err:
         summary["error"] = str(err)
         raise
     finally:
-        summary |= {
-            "way": task_cfg.way,
-            "shots": task_cfg.shots,
-            "queries": task_cfg.queries,
-            "seeds": {
-                "seed": typed.seed,
-                "eval_seed": task_cfg.eval_seed,
-                "split_seed": task_cfg.split_seed,
-                "split": task_cfg.split,
-            },
-            "data": data.summary(),
-            "device": str(device),
-            "peak_memory_mb": peak_memory_mb(device),
-            "wall_seconds": time.time() - started,
-            "wandb_run_id": logger.wandb_id,
-            "versions": meta["versions"],
-            "git_commit": meta["git_commit"],
-        }
+        summary |= run_facts(typed, data, device) | {
+            "peak_memory_mb": peak_memory_mb(device), "wall_seconds": time.time() - started,
+            "wandb_run_id": logger.wandb_id, "versions": env["versions"],
+            "git_commit": env["git_commit"],
+        }  # fmt: skip
         write_json(run_dir / "summary.json", summary)
         logger.summary({k: v for k, v in summary.items() if k in ("test", "val", "train")})
         logger.close()

@@ -63,6 +63,7 @@ class Trainer:
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_acc: float | None = None
         self.best_step: int | None = None
+        self.saved_checkpoint = False
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The parameters training changes; frozen weights come back from the backbone config."""
@@ -113,6 +114,7 @@ class Trainer:
             self.best_state = self.trainable_state()
             if self.cfg.save_checkpoint:
                 save_checkpoint(self.checkpoint_path, self.checkpoint_payload(step, result))
+                self.saved_checkpoint = True
         self.logger.log(result.metrics("val") | {"val/best_acc": self.best_acc}, step)
         return result
 
