@@ -46,3 +46,17 @@ def test_evaluation_restores_training_mode_and_weights(tiny_encoder, synthetic_t
     evaluate(algo, fixed_episodes(synthetic_task.splits["test"], 3, 1, 2, 3, 0, "test"))
     assert algo.training
     assert all(torch.equal(v, algo.state_dict()[k]) for k, v in before.items())
+
+
+def test_frozen_evaluation_encodes_each_distinct_text_once(tiny_encoder, synthetic_task):
+    tiny_encoder.set_texts(synthetic_task.texts)
+    episodes = fixed_episodes(synthetic_task.splits["test"], 3, 2, 3, 20, 0, "test")
+    distinct = len(torch.unique(torch.cat([ep.text_ids() for ep in episodes])))
+    encoded = []
+    hook = tiny_encoder.model.register_forward_hook(
+        lambda module, args, kwargs, out: encoded.append(kwargs["input_ids"].shape[0]),
+        with_kwargs=True,
+    )
+    evaluate(ProtoNet(tiny_encoder, 3, "euclidean", 1.0, False), episodes)
+    hook.remove()
+    assert sum(encoded) == distinct < 20 * 15  # 20 episodes of 15 texts share texts
