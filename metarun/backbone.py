@@ -106,7 +106,7 @@ class Encoder(nn.Module):
             self._cache = self._cache_row = None
 
 
-def _layers(model: nn.Module) -> nn.ModuleList:
+def transformer_layers(model: nn.Module) -> nn.ModuleList:
     """The transformer's block list: the ModuleList as long as the model has layers."""
     n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
     for module in model.modules():
@@ -120,7 +120,7 @@ def set_trainable(model: nn.Module, trainable: str, top_k: int) -> None:
         raise MetarunError(f"backbone.trainable={trainable}; use one of {', '.join(TRAINABLE)}")
     model.requires_grad_(trainable == "all")
     if trainable == "top_k":
-        layers = _layers(model)
+        layers = transformer_layers(model)
         if not 0 < top_k <= len(layers):
             raise MetarunError(f"backbone.top_k={top_k}; the model has {len(layers)} layers")
         for layer in layers[len(layers) - top_k :]:

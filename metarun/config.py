@@ -75,6 +75,7 @@ class TrainConfig:
     steps: int = 60  # outer steps; 0 evaluates the untrained backbone
     meta_batch_size: int = 2  # episodes per outer step
     episodes_per_backward: int = 1  # meta-batch chunk per backward pass (memory vs speed)
+    optimizer: str = "adamw"  # adamw | sgd (classic Reptile: sgd with lr = the step fraction)
     lr: float = 2e-5
     weight_decay: float = 0.01
     warmup_steps: int = 0
@@ -93,6 +94,36 @@ class ProtoNetConfig:
 
 
 @dataclass
+class InnerLoopFields:
+    """Options every gradient-based algorithm shares (MAML family, Reptile)."""
+
+    adapt: str = "all"  # which weights the inner loop adapts: all | head | top_k | bias | lora
+    top_k: int = 2  # with adapt=top_k: the last k transformer layers (and the head)
+    inner_steps: int = 5
+    eval_inner_steps: int = 10
+    inner_lr: float = 1e-3
+    head_init: str = "proto"  # zeros | proto (Proto-MAML) | learned (meta-learned init)
+    inner_optimizer: str = "sgd"  # sgd | adam
+    lora_r: int = 8  # with adapt=lora: LoRA rank, scale and target linear layers (peft)
+    lora_alpha: int = 16
+    lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
+
+
+@dataclass
+class MAMLConfig(InnerLoopFields):
+    _target_: str = "metarun.algo.maml.MAML"
+    first_order: bool = False  # FOMAML: treat inner-loop gradients as constants
+    learn_inner_lr: bool = False  # MAML++: learn a rate per adapted tensor and per step
+    reuse_features: bool = True  # head-only: encode each task once, not once per inner step
+    backend: str = "func"  # func (torch.func) | higher (the `higher` package, a cross-check)
+
+
+@dataclass
+class ReptileConfig(InnerLoopFields):
+    _target_: str = "metarun.algo.reptile.Reptile"
+
+
+@dataclass
 class MetarunConfig:
     backbone: BackboneConfig = MISSING
     algo: Any = MISSING  # each algorithm's YAML extends its own schema under schema/algo
@@ -104,7 +135,13 @@ class MetarunConfig:
     run_dir: str | None = None  # defaults to Hydra's output folder
 
 
-ALGO_SCHEMAS: dict[str, type] = {"protonet": ProtoNetConfig}
+ALGO_SCHEMAS: dict[str, type] = {
+    "protonet": ProtoNetConfig,
+    "maml": MAMLConfig,
+    "fomaml": MAMLConfig,
+    "anil": MAMLConfig,
+    "reptile": ReptileConfig,
+}
 
 
 def package_model_path(module: str) -> str:
@@ -130,5 +167,5 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("safe_name", safe_name)
     cs = ConfigStore.instance()
     cs.store(name="metarun_schema", node=MetarunConfig)
-    for name, node in ALGO_SCHEMAS.items():
-        cs.store(group="schema/algo", name=name, node=node)
+    for node in set(ALGO_SCHEMAS.values()):
+        cs.store(group="schema/algo", name=node.__name__.removesuffix("Config").lower(), node=node)

@@ -37,6 +37,14 @@ class FitResult:
     episodes_per_second: float | None
 
 
+def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise MetarunError(f"train.optimizer={cfg.optimizer}; use adamw or sgd")
+
+
 class Trainer:
     def __init__(
         self,
@@ -55,7 +63,7 @@ class Trainer:
         self.logger, self.autocast = logger, autocast
         self.checkpoint_path, self.checkpoint_meta = checkpoint_path, checkpoint_meta
         self.params = [p for p in algo.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = build_optimizer(self.params, cfg)
         warmup = max(cfg.warmup_steps, 1)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup)

@@ -20,6 +20,12 @@ from metarun.backbone import Encoder
 from metarun.task import Episode, Examples
 
 Predictor = Callable[[Examples], torch.Tensor]
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def upcast(t: torch.Tensor) -> torch.Tensor:
+    """Losses and heads in at least float32; float64 stays float64 (gradient checks)."""
+    return t.float() if t.dtype in LOW_PRECISION else t
 
 
 class Algorithm(nn.Module):
@@ -41,7 +47,7 @@ class Algorithm(nn.Module):
         for ep in episodes:
             logits = self.adapt(ep.support, ep.way)(ep.query)
             labels = ep.query.labels.to(logits.device)
-            losses.append(F.cross_entropy(logits.float(), labels))
+            losses.append(F.cross_entropy(upcast(logits), labels))
             correct += int((logits.argmax(-1) == labels).sum())
             total += len(labels)
         loss = torch.stack(losses).mean()

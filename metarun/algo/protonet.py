@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metarun.algo.base import Algorithm, Predictor
+from metarun.algo.base import Algorithm, Predictor, upcast
 from metarun.backbone import Encoder
 from metarun.errors import MetarunError
 from metarun.task import Examples
@@ -26,7 +26,7 @@ def prototypes(embeddings: torch.Tensor, labels: torch.Tensor, way: int) -> torc
 
 
 def metric_logits(queries: torch.Tensor, protos: torch.Tensor, metric: str) -> torch.Tensor:
-    queries, protos = queries.float(), protos.float()
+    queries, protos = upcast(queries), upcast(protos)
     if metric == "cosine":
         return F.normalize(queries, dim=-1) @ F.normalize(protos, dim=-1).T
     return -torch.cdist(queries, protos).pow(2)

@@ -1,0 +1,54 @@
+"""Which encoder parameters an inner loop adapts: a declared subset, never a copy of the model."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from metarun.backbone import transformer_layers
+from metarun.errors import MetarunError
+
+ADAPT = ("all", "head", "top_k", "bias", "lora")
+
+
+def inject_lora(model: nn.Module, r: int, alpha: int, targets: list[str]) -> None:
+    """Add LoRA tensors (peft) to the `targets` linear layers, in place; they start trainable."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if r < 1:
+        raise MetarunError(f"algo.lora_r={r} must be at least 1")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets))
+    # peft freezes the base weights; whether they meta-train stays backbone.trainable's choice
+    # (backbone.trainable=none is the memory-lean setting: only LoRA and the head learn).
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        inject_adapter_in_model(config, model)
+    except ValueError as err:
+        raise MetarunError(
+            f"algo.lora_targets={list(targets)}: {err}; name linear layers of the backbone"
+        ) from err
+    for name, param in model.named_parameters():
+        base = name.replace(".base_layer", "")
+        param.requires_grad_("lora_" in name or trainable.get(base, trainable.get(name, False)))
+
+
+def adapted_names(model: nn.Module, adapt: str, top_k: int) -> list[str]:
+    """Names (as in `model.named_parameters()`) of the tensors the inner loop updates."""
+    if adapt not in ADAPT:
+        raise MetarunError(f"algo.adapt={adapt}; use one of {', '.join(ADAPT)}")
+    names = [n for n, _ in model.named_parameters()]
+    if adapt == "head":
+        return []
+    if adapt == "all":
+        return [n for n in names if "lora_" not in n]
+    if adapt == "bias":
+        return [n for n in names if n.endswith(".bias")]
+    if adapt == "lora":
+        found = [n for n in names if "lora_" in n]
+        if not found:
+            raise MetarunError("algo.adapt=lora but the backbone has no LoRA tensors")
+        return found
+    layers = transformer_layers(model)
+    if not 0 < top_k <= len(layers):
+        raise MetarunError(f"algo.top_k={top_k}; the backbone has {len(layers)} layers")
+    keep = {id(p) for layer in layers[len(layers) - top_k :] for p in layer.parameters()}
+    return [n for n, p in model.named_parameters() if id(p) in keep]

@@ -1,0 +1,163 @@
+"""A functional inner loop: a linear head plus a declared subset of encoder parameters.
+
+Adapted weights live in a dict passed to `torch.func.functional_call`; the module itself is
+never modified or copied. With `track=True` the adapted weights stay functions of the initial
+ones (second order when `create_graph`, first order otherwise); with `track=False` each step is
+detached, which is what evaluation and Reptile need and keeps memory flat.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metarun.algo.base import upcast
+from metarun.algo.protonet import prototypes
+from metarun.backbone import Encoder
+from metarun.errors import MetarunError
+from metarun.task import Examples
+
+HEAD_INITS = ("zeros", "proto", "learned")
+INNER_OPTIMIZERS = ("sgd", "adam")
+HEAD = ("head.weight", "head.bias")
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
+
+
+@dataclass
+class Adapted:
+    params: dict[str, torch.Tensor]  # "model.<name>" for encoder tensors, plus HEAD
+    support_loss: float  # after the last step's update was computed (before it was applied)
+    predict: Callable[[Examples], torch.Tensor]
+
+
+class InnerLoop(nn.Module):
+    def __init__(
+        self, encoder: Encoder, way: int, names: list[str], steps: int, eval_steps: int,
+        lr: float, learn_lr: bool, head_init: str, optimizer: str,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        if head_init not in HEAD_INITS:
+            raise MetarunError(f"algo.head_init={head_init}; use one of {', '.join(HEAD_INITS)}")
+        if optimizer not in INNER_OPTIMIZERS:
+            raise MetarunError(
+                f"algo.inner_optimizer={optimizer}; use one of {', '.join(INNER_OPTIMIZERS)}"
+            )
+        if steps < 0 or eval_steps < 0:
+            raise MetarunError("algo.inner_steps and algo.eval_inner_steps must be >= 0")
+        self.names, self.way, self.head_dim = names, way, encoder.dim
+        self.steps, self.eval_steps = steps, eval_steps
+        self.head_init, self.optimizer = head_init, optimizer
+        # One learning rate per adapted tensor and per training step (MAML++ "LSLR");
+        # evaluation steps beyond the trained ones reuse the last row.
+        lrs = torch.full((max(steps, 1), len(names) + len(HEAD)), float(lr))
+        if learn_lr:
+            self.lrs = nn.Parameter(lrs)
+        else:
+            self.register_buffer("lrs", lrs)
+        if head_init == "learned":
+            self.head_weight = nn.Parameter(torch.randn(way, encoder.dim) * encoder.dim**-0.5)
+            self.head_bias = nn.Parameter(torch.zeros(way))
+
+    @property
+    def adapts_encoder(self) -> bool:
+        return bool(self.names)
+
+    def init_head(self, feats: torch.Tensor | None, labels: torch.Tensor, way: int, like):
+        """(weight, bias) of the head before adaptation; `like` gives zeros' device and dtype."""
+        if self.head_init == "learned":
+            if way != self.way:
+                raise MetarunError(f"algo.head_init=learned has {self.way} classes, not {way}")
+            return self.head_weight, self.head_bias
+        if self.head_init == "proto":  # Proto-MAML: the linear form of the euclidean ProtoNet
+            protos = prototypes(upcast(feats), labels, way)
+            return 2 * protos, -(protos**2).sum(-1)
+        weight = like.new_zeros(way, self.head_dim, requires_grad=True)
+        return weight, like.new_zeros(way, requires_grad=True)
+
+    def start(self, encoder: Encoder, track: bool) -> dict[str, torch.Tensor]:
+        params = {f"model.{n}": encoder.model.get_parameter(n) for n in self.names}
+        return {
+            k: v if (track and v.requires_grad) else v.detach().requires_grad_()
+            for k, v in params.items()
+        }
+
+    def run(
+        self, encoder: Encoder, support: Examples, way: int, steps: int, track: bool,
+        create_graph: bool, recompute: bool = False,
+    ) -> Adapted:  # fmt: skip
+        """Adapt on `support`; returns the adapted weights and a query predictor.
+
+        `recompute` re-encodes the support set at every step even when only the head adapts:
+        the plain MAML path, against which ANIL's encode-once shortcut is tested.
+        """
+        with torch.enable_grad():
+            params = self.start(encoder, track)
+            labels = support.labels.to(encoder.tokens.device)
+            # Unadapted support features: needed for a prototype head, and they are the
+            # features of every step when only the head adapts (ANIL: computed once).
+            feats0 = None
+            if not self.names or self.head_init == "proto":
+                with torch.set_grad_enabled(track):
+                    feats0 = encoder(support.ids)
+            weight, bias = self.init_head(feats0, labels, way, self.lrs)
+            if not track:
+                weight, bias = weight.detach().requires_grad_(), bias.detach().requires_grad_()
+            params |= dict(zip(HEAD, (weight, bias), strict=True))
+            state: dict[str, dict[str, torch.Tensor]] = {}
+            loss = torch.tensor(float("nan"))
+            for step in range(steps):
+                reuse = not self.names and not recompute
+                feats = feats0 if reuse else self.features(encoder, support, params)
+                loss = F.cross_entropy(self.logits(feats, params), labels)
+                params = self.update(params, loss, step, track, create_graph, state)
+        if not track:
+            params = {k: v.detach() for k, v in params.items()}
+
+        def predict(query: Examples) -> torch.Tensor:
+            return self.logits(self.features(encoder, query, params), params)
+
+        return Adapted(params, float(loss.detach()), predict)
+
+    def features(self, encoder: Encoder, examples: Examples, params: dict) -> torch.Tensor:
+        if not self.names:
+            return encoder(examples.ids)  # head-only: the encoder's own features (cacheable)
+        enc = {k.removeprefix("model."): v for k, v in params.items() if k.startswith("model.")}
+        return encoder(examples.ids, params=enc)
+
+    @staticmethod
+    def logits(feats: torch.Tensor, params: dict) -> torch.Tensor:
+        return F.linear(upcast(feats), params["head.weight"], params["head.bias"])
+
+    def update(
+        self, params: dict, loss: torch.Tensor, step: int, track: bool, create_graph: bool,
+        state: dict,
+    ) -> dict[str, torch.Tensor]:  # fmt: skip
+        # First order keeps the graph too: the head's prototype init depends on the initial
+        # weights, and the outer backward still goes through it.
+        grads = torch.autograd.grad(
+            loss, list(params.values()), create_graph=create_graph, retain_graph=track,
+            allow_unused=True,
+        )  # fmt: skip
+        lrs = self.lrs[min(step, len(self.lrs) - 1)]  # columns follow the order of `params`
+        new = {}
+        for i, (name, grad) in enumerate(zip(params, grads, strict=True)):
+            value = params[name]
+            if grad is not None:
+                direction = self.adam(name, grad, step, state) if self.optimizer == "adam" else grad
+                value = value - lrs[i] * direction
+            new[name] = value if track else value.detach().requires_grad_()
+        return new
+
+    @staticmethod
+    def adam(name: str, grad: torch.Tensor, step: int, state: dict) -> torch.Tensor:
+        """A differentiable Adam direction (bias-corrected), state kept per adapted tensor."""
+        (b1, b2), s = ADAM_BETAS, state.setdefault(name, {})
+        s["m"] = b1 * s.get("m", torch.zeros_like(grad)) + (1 - b1) * grad
+        s["v"] = b2 * s.get("v", torch.zeros_like(grad)) + (1 - b2) * grad * grad
+        m_hat = s["m"] / (1 - b1 ** (step + 1))
+        v_hat = s["v"] / (1 - b2 ** (step + 1))
+        return m_hat / ((v_hat + ADAM_EPS**2).sqrt() + ADAM_EPS)

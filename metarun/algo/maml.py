@@ -1,0 +1,79 @@
+"""MAML, first-order MAML and ANIL: one class, three configs (conf/algo/{maml,fomaml,anil}.yaml).
+
+The inner loop adapts a declared subset of weights functionally (`InnerLoop`); the outer loss is
+the query loss of the adapted weights, so the base `meta_loss` applies unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from metarun.algo.adapted import adapted_names, inject_lora
+from metarun.algo.base import Algorithm, Predictor
+from metarun.algo.inner import InnerLoop
+from metarun.backbone import Encoder
+from metarun.errors import MetarunError
+from metarun.task import Examples
+
+BACKENDS = ("func", "higher")
+
+
+def second_order_attention() -> contextlib.AbstractContextManager:
+    """Only PyTorch's math attention kernel has a double backward; fused kernels raise
+    'derivative for aten::_scaled_dot_product_*_backward is not implemented'."""
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+class MAML(Algorithm):
+    def __init__(
+        self, encoder: Encoder, way: int, adapt: str, top_k: int, inner_steps: int,
+        eval_inner_steps: int, inner_lr: float, head_init: str, inner_optimizer: str,
+        lora_r: int, lora_alpha: int, lora_targets: list[str], first_order: bool,
+        learn_inner_lr: bool, reuse_features: bool, backend: str,
+    ) -> None:  # fmt: skip
+        super().__init__(encoder, way)
+        if backend not in BACKENDS:
+            raise MetarunError(f"algo.backend={backend}; use one of {', '.join(BACKENDS)}")
+        if adapt == "lora":
+            inject_lora(encoder.model, lora_r, lora_alpha, lora_targets)
+        names = adapted_names(encoder.model, adapt, top_k)
+        self.inner = InnerLoop(encoder, way, names, inner_steps, eval_inner_steps, inner_lr,
+                               learn_inner_lr, head_init, inner_optimizer)  # fmt: skip
+        self.first_order, self.backend = first_order, backend
+        self.reuse_features = reuse_features
+        # Head-only adaptation reads the unadapted encoder's features: evaluation may cache them.
+        self.eval_feature_cache = not names and reuse_features
+        if backend == "higher":
+            from metarun.algo.higher_backend import check_supported
+
+            check_supported(self)
+
+    def adapt(self, support: Examples, way: int) -> Predictor:
+        training = self.training
+        steps = self.inner.steps if training else self.inner.eval_steps
+        second = training and not self.first_order
+        attention = second_order_attention() if second else contextlib.nullcontext()
+        with attention:
+            if self.backend == "higher":
+                from metarun.algo.higher_backend import adapt_with_higher
+
+                return adapt_with_higher(self, support, way, steps, create_graph=second)
+            adapted = self.inner.run(
+                self.encoder,
+                support,
+                way,
+                steps,
+                track=training,
+                create_graph=second,
+                recompute=not self.reuse_features,
+            )
+        if not second:
+            return adapted.predict
+
+        def predict(query: Examples):
+            with second_order_attention():
+                return adapted.predict(query)
+
+        return predict
