@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 
 from metarun.config import BackboneConfig
 from metarun.errors import MetarunError
@@ -26,8 +28,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class Encoder(nn.Module):
-    def __init__(self, model: nn.Module, tokenizer, pooling: str, max_length: int) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        pooling: str,
+        max_length: int,
+        checkpointing: bool = False,
+    ) -> None:
         super().__init__()
+        # Activation checkpointing of each encoder call (not Hugging Face's per-layer version,
+        # whose recomputation would read the module's own weights instead of adapted ones).
+        self.checkpointing = checkpointing
         self.model = model
         self.tokenizer = tokenizer
         self.pooling = pooling
@@ -74,15 +86,28 @@ class Encoder(nn.Module):
                 raise RuntimeError("text id outside the evaluation cache")
             return self._cache[rows]
         inputs = self.batch(ids)
-        if params:
-            out = functional_call(self.model, params, args=(), kwargs=inputs, strict=False)
+        if self.checkpointing and torch.is_grad_enabled():
+            hidden = checkpoint(self._hidden_math, inputs, params, use_reentrant=False)
         else:
-            out = self.model(**inputs)
-        hidden = out.last_hidden_state
+            hidden = self._hidden(inputs, params)
         if self.pooling == "cls":
             return hidden[:, 0]
         mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+    def _hidden(self, inputs: dict, params: dict | None) -> torch.Tensor:
+        if params:
+            out = functional_call(self.model, params, args=(), kwargs=inputs, strict=False)
+        else:
+            out = self.model(**inputs)
+        return out.last_hidden_state
+
+    def _hidden_math(self, inputs: dict, params: dict | None) -> torch.Tensor:
+        """The checkpointed forward. Recomputation happens during backward, outside any caller's
+        context, so everything it depends on is inside: the adapted `params` (a closure, not the
+        module's weights) and the math attention kernel (the one with a double backward)."""
+        with sdpa_kernel([SDPBackend.MATH]):
+            return self._hidden(inputs, params)
 
     @contextmanager
     def cached(self, ids: torch.Tensor, batch_size: int = 256) -> Iterator[None]:
@@ -159,7 +184,4 @@ def load_backbone(cfg: BackboneConfig) -> Encoder:
     model, tokenizer = _load_pretrained(cfg)
     model = model.to(DTYPES[cfg.dtype])
     set_trainable(model, cfg.trainable, cfg.top_k)
-    if cfg.gradient_checkpointing:
-        # Non-reentrant checkpointing keeps double backward (second-order MAML) working.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return Encoder(model, tokenizer, cfg.pooling, cfg.max_length)
+    return Encoder(model, tokenizer, cfg.pooling, cfg.max_length, cfg.gradient_checkpointing)

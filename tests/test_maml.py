@@ -1,0 +1,226 @@
+"""Invariants of the gradient-based family on a tiny dropout-free BERT."""
+
+from __future__ import annotations
+
+import gc
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+
+from metarun.algo import build_algorithm
+from metarun.backbone import load_backbone
+from metarun.evaluate import evaluate
+from metarun.task import EpisodeSampler, fixed_episodes
+
+
+@pytest.fixture
+def make(compose_cfg, synthetic_task):
+    """make(*algo overrides, dtype=...) -> a fresh algorithm; same seed, same initial weights."""
+
+    def _make(*overrides: str, dtype=torch.float32, checkpointing: bool = False):
+        cfg = compose_cfg("backbone=tiny", *overrides)
+        backbone = OmegaConf.to_object(cfg).backbone
+        backbone.gradient_checkpointing = checkpointing
+        backbone.arch = {**backbone.arch, "hidden_dropout_prob": 0.0,
+                         "attention_probs_dropout_prob": 0.0}  # fmt: skip
+        torch.manual_seed(0)
+        encoder = load_backbone(backbone)
+        encoder.set_texts(synthetic_task.texts)
+        return build_algorithm(cfg.algo, encoder, 3).to(dtype).train()
+
+    return _make
+
+
+@pytest.fixture
+def episodes(synthetic_task):
+    return fixed_episodes(synthetic_task.splits["train"], 3, 2, 3, 2, 0, "train")
+
+
+def meta_grads(algo, episodes) -> dict[str, torch.Tensor]:
+    algo.zero_grad()
+    loss, _ = algo.meta_loss(episodes)
+    loss.backward()
+    return {n: p.grad.clone() for n, p in algo.named_parameters() if p.grad is not None}
+
+
+def assert_same(a: dict, b: dict, atol: float) -> None:
+    assert a.keys() == b.keys() and a
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=atol, rtol=1e-4), name
+
+
+def test_second_order_meta_gradient_matches_finite_differences(make, episodes):
+    algo = make("algo=maml", "algo.adapt=top_k", "algo.top_k=1", "algo.inner_steps=2",
+                "algo.inner_lr=0.5", dtype=torch.float64)  # fmt: skip
+    grads = meta_grads(algo, episodes)
+    params = dict(algo.named_parameters())
+    gen = torch.Generator().manual_seed(0)
+    direction = {n: torch.randn(g.shape, generator=gen, dtype=g.dtype) for n, g in grads.items()}
+    analytic = sum((grads[n] * d).sum() for n, d in direction.items())
+
+    def loss_at(scale: float) -> float:
+        with torch.no_grad():
+            for n, d in direction.items():
+                params[n].add_(scale * d)
+        loss = float(algo.meta_loss(episodes)[0].detach())
+        with torch.no_grad():
+            for n, d in direction.items():
+                params[n].sub_(scale * d)
+        return loss
+
+    eps = 1e-5
+    numeric = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
+    assert abs(float(analytic) - numeric) < 1e-6 * max(1.0, abs(numeric))
+    first = make("algo=fomaml", "algo.adapt=top_k", "algo.top_k=1", "algo.inner_steps=2",
+                 "algo.inner_lr=0.5", dtype=torch.float64)  # fmt: skip
+    fo = meta_grads(first, episodes)
+    assert any(not torch.allclose(fo[n], grads[n]) for n in grads)  # second order is not free
+
+
+@pytest.mark.parametrize("algo_name", ["maml", "fomaml"])
+def test_zero_inner_lr_gives_the_plain_gradient(make, episodes, algo_name):
+    algo = make(f"algo={algo_name}", "algo.inner_steps=1", "algo.inner_lr=0.0")
+    got = meta_grads(algo, episodes)
+    # The plain gradient: query loss of the initial head (prototypes) and initial encoder.
+    algo.zero_grad()
+    losses = []
+    for ep in episodes:
+        protos_w, protos_b = algo.inner.init_head(
+            algo.encoder(ep.support.ids), ep.support.labels, ep.way, algo.inner.lrs
+        )
+        logits = F.linear(algo.encoder(ep.query.ids), protos_w, protos_b)
+        losses.append(F.cross_entropy(logits, ep.query.labels))
+    torch.stack(losses).mean().backward()
+    plain = {n: p.grad.clone() for n, p in algo.named_parameters() if p.grad is not None}
+    assert_same(got, plain, atol=1e-6)
+
+
+def test_anil_equals_maml_restricted_to_the_head(make, episodes):
+    anil = make("algo=anil")  # features encoded once per task
+    plain = make("algo=anil", "algo.reuse_features=false")  # re-encoded at every inner step
+    assert anil.eval_feature_cache and not plain.eval_feature_cache
+    grads = meta_grads(anil, episodes)
+    assert any(n.startswith("encoder.model.") for n in grads)  # the body still learns
+    assert_same(grads, meta_grads(plain, episodes), atol=1e-6)
+
+
+def test_reptile_moves_weights_towards_the_adapted_ones_by_the_step_fraction(make, episodes):
+    algo = make("algo=reptile", "algo.inner_steps=3", "algo.inner_lr=0.1")
+    (episode,) = episodes[:1]
+    before = {n: p.detach().clone() for n, p in algo.named_parameters() if p.requires_grad}
+    adapted = algo.inner.run(algo.encoder, episode.support, 3, 3, track=False, create_graph=False)
+    phi = {n.removeprefix("model."): v for n, v in adapted.params.items() if n.startswith("model.")}
+    fraction = 0.25
+    opt = torch.optim.SGD(algo.parameters(), lr=fraction)
+    opt.zero_grad()
+    algo.meta_loss([episode])[0].backward()
+    opt.step()
+    for name, theta in before.items():
+        expected = theta + fraction * (phi[name.removeprefix("encoder.model.")] - theta)
+        assert torch.allclose(dict(algo.named_parameters())[name], expected, atol=1e-6), name
+    assert any(not torch.equal(before[n], p) for n, p in algo.named_parameters() if n in before)
+
+
+@pytest.mark.parametrize(("adapt", "lr"), [("all", 0.05), ("head", 0.5), ("bias", 0.5),
+                                           ("lora", 0.5), ("top_k", 0.1)])  # fmt: skip
+def test_an_inner_step_lowers_the_support_loss(make, episodes, adapt, lr):
+    algo = make("algo=maml", f"algo.adapt={adapt}", "algo.head_init=zeros", f"algo.inner_lr={lr}")
+    ep = episodes[0]
+
+    def support_loss_after(steps: int) -> float:
+        adapted = algo.inner.run(algo.encoder, ep.support, 3, steps, track=False,
+                                 create_graph=False)  # fmt: skip
+        with torch.no_grad():
+            return float(F.cross_entropy(adapted.predict(ep.support), ep.support.labels))
+
+    assert support_loss_after(0) == pytest.approx(float(torch.log(torch.tensor(3.0))), abs=1e-5)
+    one, three = support_loss_after(1), support_loss_after(3)
+    assert three < one < support_loss_after(0)
+
+
+@pytest.mark.parametrize("name", ["maml", "fomaml", "anil", "reptile"])
+def test_outer_steps_lower_the_query_loss(make, synthetic_task, name):
+    algo = make(f"algo={name}", "algo.inner_steps=2", "algo.eval_inner_steps=2")
+    held_out = fixed_episodes(synthetic_task.splits["train"], 3, 2, 3, 8, 3, "valid")
+    sampler = EpisodeSampler(synthetic_task.splits["train"], 3, 2, 3, seed=0)
+    lr = 0.5 if name == "reptile" else 3e-3
+    opt = torch.optim.SGD(algo.parameters(), lr=lr) if name == "reptile" else torch.optim.Adam(
+        algo.parameters(), lr=lr)  # fmt: skip
+
+    def query_loss() -> float:
+        algo.eval()
+        total = 0.0
+        with torch.no_grad():  # as in evaluation: the inner loop enables gradients itself
+            for ep in held_out:
+                logits = algo.adapt(ep.support, 3)(ep.query)
+                total += float(F.cross_entropy(logits, ep.query.labels))
+        algo.train()
+        return total / len(held_out)
+
+    before = query_loss()
+    for _ in range(15):
+        opt.zero_grad()
+        algo.meta_loss([sampler.sample(), sampler.sample()])[0].backward()
+        opt.step()
+    assert query_loss() < 0.9 * before
+
+
+def test_func_and_higher_backends_agree(make, episodes):
+    for extra in ([], ["algo.first_order=true"], ["algo.adapt=head"]):
+        func = meta_grads(make("algo=maml", "algo.inner_steps=2", *extra), episodes)
+        high = meta_grads(make("algo=maml", "algo.inner_steps=2", "algo.backend=higher", *extra),
+                          episodes)  # fmt: skip
+        assert_same(func, high, atol=1e-5)
+
+
+def test_learned_inner_rates_and_inner_adam(make, episodes):
+    algo = make("algo=maml", "algo.learn_inner_lr=true", "algo.inner_optimizer=adam",
+                "algo.adapt=top_k", "algo.top_k=1", "algo.inner_steps=2")  # fmt: skip
+    grads = meta_grads(algo, episodes)
+    assert grads["inner.lrs"].shape == (2, len(algo.inner.names) + 2)
+    assert grads["inner.lrs"].abs().sum() > 0
+
+
+def test_evaluation_adapts_without_changing_the_model(make, synthetic_task):
+    algo = make("algo=maml", "algo.eval_inner_steps=3").eval()
+    before = {k: v.clone() for k, v in algo.state_dict().items()}
+    result = evaluate(algo, fixed_episodes(synthetic_task.splits["test"], 3, 2, 3, 4, 0, "test"))
+    assert len(result.accuracies) == 4
+    assert all(torch.equal(v, algo.state_dict()[k]) for k, v in before.items())
+
+
+def _live_tensors() -> int:
+    gc.collect()
+    with warnings.catch_warnings():  # touching every object trips deprecated-alias warnings
+        warnings.simplefilter("ignore")
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+@pytest.mark.parametrize("name", ["maml", "reptile"])
+def test_no_memory_growth_across_meta_steps(make, synthetic_task, name):
+    algo = make(f"algo={name}", "algo.inner_steps=2")
+    sampler = EpisodeSampler(synthetic_task.splits["train"], 3, 2, 3, seed=0)
+    opt = torch.optim.Adam(algo.parameters(), lr=1e-4)
+
+    def steps(n: int) -> None:
+        for _ in range(n):
+            opt.zero_grad()
+            algo.meta_loss([sampler.sample()])[0].backward()
+            opt.step()
+
+    steps(5)
+    after_5 = _live_tensors()
+    steps(45)
+    assert _live_tensors() <= after_5 + 5  # nothing accumulates per step (graphs, states)
+
+
+@pytest.mark.parametrize("name", ["maml", "fomaml"])
+def test_activation_checkpointing_keeps_meta_gradients(make, episodes, name):
+    """Recomputation must see the adapted weights: HF's own checkpointing would not."""
+    plain = meta_grads(make(f"algo={name}", "algo.inner_lr=0.1"), episodes)
+    ckpt = meta_grads(make(f"algo={name}", "algo.inner_lr=0.1", checkpointing=True), episodes)
+    # Checkpointed calls always use the math attention kernel; first order otherwise may not.
+    assert_same(plain, ckpt, atol=1e-3)
