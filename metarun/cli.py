@@ -62,17 +62,23 @@ _DETAIL = ("full_key:", "reference_type=", "object_type=", "provider=")
 
 def one_line(err: BaseException) -> str:
     """Hydra's multi-line composition errors as one line; keeps the options it lists."""
-    lines: list[str] = []
+    sentences: list[str] = []
     for source in (err, err.__cause__):
-        if source is None:
-            continue
-        for line in str(source).splitlines():
-            line = line.strip()
+        for raw in str(source or "").splitlines():
+            line = raw.strip().removeprefix("In 'config': ")
             if line.startswith(_NOISE):
                 break
-            if line and not line.startswith(_DETAIL) and line not in lines:
-                lines.append(line.removeprefix("In 'config': "))
-    return " ".join(line if line.endswith((".", ":")) else line + "." for line in lines)
+            if raw.startswith("\t") and sentences:  # an option under "Available options in ..."
+                sentences[-1] += (" " if sentences[-1].endswith(":") else ", ") + line
+            elif line and not line.startswith(_DETAIL) and line not in sentences:
+                sentences.append(line)
+    text = " ".join(s if s.endswith((".", ":")) else s + "." for s in sentences)
+    if "Could not override" in text and {"-m", "--multirun"} & set(sys.argv):
+        text += (
+            " In a multirun, keys of a swept group are first checked against its default "
+            "option: force them with ++key=value."
+        )
+    return text
 
 
 def main() -> None:

@@ -62,7 +62,7 @@ def test_steps_zero_evaluates_the_untrained_backbone_on_icd10(tmp_path):
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["algo=nope"], "Could not find 'algo/nope'. Available options in 'algo': protonet"),
+        (["algo=nope"], "Could not find 'algo/nope'. Available options in 'algo': anil, fomaml, m"),
         (["backbone=tiny", "task.way=500"], "task.way=500 but the test split has only"),
         (["task=banking77", "task.data_dir=/no/such/dir"], "task.data_dir=/no/such/dir does not"),
         (["task=local", "task.label_column=intent"], "no column 'intent'"),
@@ -127,3 +127,16 @@ def test_configs_found_from_any_directory_and_user_groups_added(tmp_path, synthe
         "--config-dir", str(tmp_path / "myconf"), "task=typo", "--cfg", "job", cwd=tmp_path
     )
     assert proc.returncode == 2 and "wya" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_gradient_family_end_to_end(tmp_path, synthetic_jsonl):
+    proc = metarun(
+        "-m", *FAST, f"task.path={synthetic_jsonl}", "algo=maml,fomaml,anil,reptile",
+        "++algo.inner_steps=2", "++algo.eval_inner_steps=2", "train.steps=2", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    summaries = [json.loads((r / "summary.json").read_text()) for r in run_dirs(tmp_path)]
+    assert sorted(s["algo"] for s in summaries) == ["anil", "fomaml", "maml", "reptile"]
+    for summary in summaries:
+        assert summary["status"] == "completed" and summary["test"]["episodes"] == 10
+        assert summary["train"]["episodes_per_second"] > 0 and summary["peak_memory_mb"] > 0
