@@ -67,8 +67,16 @@ def test_steps_zero_evaluates_the_untrained_backbone_on_icd10(tmp_path):
         (["task=banking77", "task.data_dir=/no/such/dir"], "task.data_dir=/no/such/dir does not"),
         (["task=local", "task.label_column=intent"], "no column 'intent'"),
         (["task.wya=3"], "Key 'wya' not in 'TaskConfig'"),
+        (["algo=maml", "backbone=bert-base"], "offline use backbone=minilm or backbone.path="),
     ],
-    ids=["unknown-algo", "way-too-large", "missing-data-dir", "missing-column", "misspelt-key"],
+    ids=[
+        "unknown-algo",
+        "way-too-large",
+        "missing-data-dir",
+        "missing-column",
+        "misspelt-key",
+        "hub-backbone-offline",
+    ],
 )
 def test_user_errors_are_one_clear_line(tmp_path, synthetic_jsonl, args, expected):
     if "task=local" in args:

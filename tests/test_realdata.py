@@ -39,3 +39,16 @@ def test_protonet_training_logs_validation_by_step(tmp_path):
     assert [s for s, _ in val] == [3, 6] and all(0.4 < a <= 1 for _, a in val)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["val"]["best_step"] in (3, 6) and summary["test"]["acc"] > 0.5
+
+
+def test_second_order_maml_trains_on_banking77_and_logs_validation(tmp_path):
+    proc = metarun(*BASE, "algo=maml", "algo.inner_steps=2", "algo.eval_inner_steps=2",
+                   "train.meta_batch_size=1", "train.steps=2", "train.val_interval=1",
+                   "task.val_episodes=4", "task.test_episodes=8", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (run,) = run_dirs(tmp_path)
+    val = [m["step"] for m in read_jsonl(run / "metrics.jsonl") if "val/acc" in m]
+    assert val == [1, 2]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["algo"] == "maml" and summary["test"]["acc"] > 0.4  # chance is 0.2
+    assert summary["train"]["episodes_per_second"] > 0

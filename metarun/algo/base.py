@@ -10,7 +10,6 @@ module: evaluation relies on the encoder's own weights being constant to reuse e
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +29,8 @@ def upcast(t: torch.Tensor) -> torch.Tensor:
 
 class Algorithm(nn.Module):
     # Whether evaluation may precompute the unadapted encoder's embeddings of every test text.
-    # Algorithms whose predictions all come from adapted encoder weights set it False.
-    eval_feature_cache: ClassVar[bool] = True
+    # Algorithms whose predictions come from adapted encoder weights set it False.
+    eval_feature_cache: bool = True
 
     def __init__(self, encoder: Encoder, way: int) -> None:
         super().__init__()
