@@ -8,6 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from metarun.record import load_checkpoint
 from tests.cli_helpers import FAST, item_key, metarun, read_jsonl, run_dirs, wandb_records
 
 pytestmark = pytest.mark.slow
@@ -38,7 +39,7 @@ def test_smoke_run_leaves_a_complete_record(tmp_path, synthetic_jsonl):
     episodes = json.loads((run / "test_episodes.json").read_text())
     assert len(episodes["accuracy"]) == 10 and episodes["eval_seed"] == 1234
 
-    ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+    ckpt = load_checkpoint(run / "checkpoint.pt")  # weights_only=True
     assert ckpt["step"] in (2, 4) and ckpt["choices"]["backbone"] == "tiny"
     assert ckpt["config"]["task"]["way"] == 3 and "torch" in ckpt["versions"]
     assert any(k.startswith("encoder.model.") for k in ckpt["trainable_state"])

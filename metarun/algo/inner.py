@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metarun.algo.adapted import adapted_names, inject_lora
 from metarun.algo.base import upcast
 from metarun.algo.protonet import prototypes
 from metarun.backbone import Encoder
@@ -32,6 +33,17 @@ class Adapted:
     params: dict[str, torch.Tensor]  # "model.<name>" for encoder tensors, plus HEAD
     support_loss: float  # after the last step's update was computed (before it was applied)
     predict: Callable[[Examples], torch.Tensor]
+
+
+def build_inner_loop(
+    encoder: Encoder, way: int, adapt: str, top_k: int, steps: int, eval_steps: int, lr: float,
+    learn_lr: bool, head_init: str, optimizer: str, lora: tuple[int, int, list[str]],
+) -> InnerLoop:  # fmt: skip
+    """The inner loop an algorithm's `adapt` options describe (injecting LoRA when asked)."""
+    if adapt == "lora":
+        inject_lora(encoder.model, *lora)
+    names = adapted_names(encoder.model, adapt, top_k)
+    return InnerLoop(encoder, way, names, steps, eval_steps, lr, learn_lr, head_init, optimizer)
 
 
 class InnerLoop(nn.Module):

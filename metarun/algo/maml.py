@@ -10,9 +10,8 @@ import contextlib
 
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from metarun.algo.adapted import adapted_names, inject_lora
 from metarun.algo.base import Algorithm, Predictor
-from metarun.algo.inner import InnerLoop
+from metarun.algo.inner import build_inner_loop
 from metarun.backbone import Encoder
 from metarun.errors import MetarunError
 from metarun.task import Examples
@@ -36,15 +35,14 @@ class MAML(Algorithm):
         super().__init__(encoder, way)
         if backend not in BACKENDS:
             raise MetarunError(f"algo.backend={backend}; use one of {', '.join(BACKENDS)}")
-        if adapt == "lora":
-            inject_lora(encoder.model, lora_r, lora_alpha, lora_targets)
-        names = adapted_names(encoder.model, adapt, top_k)
-        self.inner = InnerLoop(encoder, way, names, inner_steps, eval_inner_steps, inner_lr,
-                               learn_inner_lr, head_init, inner_optimizer)  # fmt: skip
+        self.inner = build_inner_loop(
+            encoder, way, adapt, top_k, inner_steps, eval_inner_steps, inner_lr, learn_inner_lr,
+            head_init, inner_optimizer, (lora_r, lora_alpha, lora_targets),
+        )  # fmt: skip
         self.first_order, self.backend = first_order, backend
         self.reuse_features = reuse_features
         # Head-only adaptation reads the unadapted encoder's features: evaluation may cache them.
-        self.eval_feature_cache = not names and reuse_features
+        self.eval_feature_cache = not self.inner.adapts_encoder and reuse_features
         if backend == "higher":
             from metarun.algo.higher_backend import check_supported
 

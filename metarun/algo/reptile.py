@@ -11,9 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
-from metarun.algo.adapted import adapted_names, inject_lora
 from metarun.algo.base import Algorithm, Predictor
-from metarun.algo.inner import InnerLoop
+from metarun.algo.inner import build_inner_loop
 from metarun.backbone import Encoder
 from metarun.task import Episode, Examples
 
@@ -25,12 +24,11 @@ class Reptile(Algorithm):
         lora_r: int, lora_alpha: int, lora_targets: list[str],
     ) -> None:  # fmt: skip
         super().__init__(encoder, way)
-        if adapt == "lora":
-            inject_lora(encoder.model, lora_r, lora_alpha, lora_targets)
-        names = adapted_names(encoder.model, adapt, top_k)
-        self.inner = InnerLoop(encoder, way, names, inner_steps, eval_inner_steps, inner_lr,
-                               False, head_init, inner_optimizer)  # fmt: skip
-        self.eval_feature_cache = not names
+        self.inner = build_inner_loop(
+            encoder, way, adapt, top_k, inner_steps, eval_inner_steps, inner_lr, False,
+            head_init, inner_optimizer, (lora_r, lora_alpha, lora_targets),
+        )  # fmt: skip
+        self.eval_feature_cache = not self.inner.adapts_encoder
 
     def initial(self, name: str) -> torch.Tensor | None:
         """The meta-parameter behind an adapted tensor, if the outer loop learns it."""
