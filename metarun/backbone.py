@@ -35,8 +35,12 @@ class Encoder(nn.Module):
         pooling: str,
         max_length: int,
         checkpointing: bool = False,
+        causal_lm: bool = False,
+        name: str = "",
     ) -> None:
         super().__init__()
+        self.causal_lm, self.name = causal_lm, name or type(model).__name__
+        self.texts: list[str] = []
         # Activation checkpointing of each encoder call (not Hugging Face's per-layer version,
         # whose recomputation would read the module's own weights instead of adapted ones).
         self.checkpointing = checkpointing
@@ -53,19 +57,21 @@ class Encoder(nn.Module):
     def dim(self) -> int:
         return int(self.model.config.hidden_size)
 
-    @property
-    def is_decoder(self) -> bool:
-        return bool(getattr(self.model.config, "is_decoder", False))
-
-    def set_texts(self, texts: Sequence[str]) -> None:
-        """Tokenise every text of the task once; later calls only gather rows by id."""
-        enc = self.tokenizer(
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        # A decoder's prompts are built from bare texts: no [CLS]/[SEP]-style special tokens.
+        return self.tokenizer(
             list(texts),
             truncation=True,
             max_length=self.max_length,
             padding="longest",
             return_tensors="pt",
+            add_special_tokens=not self.causal_lm,
         )
+
+    def set_texts(self, texts: Sequence[str]) -> None:
+        """Tokenise every text of the task once; later calls only gather rows by id."""
+        self.texts = list(texts)
+        enc = self.tokenize(self.texts)
         device = self.tokens.device
         self.tokens = enc["input_ids"].to(device)
         self.lengths = enc["attention_mask"].sum(1).to(device)
@@ -85,7 +91,17 @@ class Encoder(nn.Module):
             if bool((rows < 0).any()):
                 raise RuntimeError("text id outside the evaluation cache")
             return self._cache[rows]
-        inputs = self.batch(ids)
+        return self.embed(self.batch(ids), params)
+
+    def encode_texts(self, texts: Sequence[str], params: dict | None = None) -> torch.Tensor:
+        """Pooled embeddings of texts outside the task's table (label names, templates)."""
+        enc = self.tokenize(texts)
+        device = self.tokens.device
+        inputs = {"input_ids": enc["input_ids"].to(device),
+                  "attention_mask": enc["attention_mask"].to(device)}  # fmt: skip
+        return self.embed(inputs, params)
+
+    def embed(self, inputs: dict[str, torch.Tensor], params: dict | None) -> torch.Tensor:
         if self.checkpointing and torch.is_grad_enabled():
             hidden = checkpoint(self._hidden_math, inputs, params, use_reentrant=False)
         else:
@@ -153,11 +169,14 @@ def set_trainable(model: nn.Module, trainable: str, top_k: int) -> None:
 
 
 def _load_pretrained(cfg: BackboneConfig):
-    from transformers import AutoConfig, AutoModel, AutoTokenizer
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    auto = AutoModelForCausalLM if cfg.causal_lm else AutoModel
     local = Path(cfg.path).expanduser().is_dir()
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.path)
+        if tokenizer.pad_token is None:  # GPT-2 has none; padding is masked out anyway
+            tokenizer.pad_token = tokenizer.eos_token
         if cfg.random_init:
             kind = dict(cfg.arch).pop("model_type", None)
             arch = {k: v for k, v in cfg.arch.items() if k != "model_type"}
@@ -165,8 +184,8 @@ def _load_pretrained(cfg: BackboneConfig):
             for key, value in arch.items():
                 setattr(base, key, value)
             base.vocab_size = max(getattr(base, "vocab_size", 0), len(tokenizer))
-            return AutoModel.from_config(base), tokenizer
-        return AutoModel.from_pretrained(cfg.path), tokenizer
+            return auto.from_config(base), tokenizer
+        return auto.from_pretrained(cfg.path), tokenizer
     except OSError as err:
         if local:
             raise MetarunError(f"backbone.path={cfg.path}: cannot load weights ({err})") from err
@@ -184,4 +203,6 @@ def load_backbone(cfg: BackboneConfig) -> Encoder:
     model, tokenizer = _load_pretrained(cfg)
     model = model.to(DTYPES[cfg.dtype])
     set_trainable(model, cfg.trainable, cfg.top_k)
-    return Encoder(model, tokenizer, cfg.pooling, cfg.max_length, cfg.gradient_checkpointing)
+    name = f"random {model.config.model_type}" if cfg.random_init else Path(cfg.path).name
+    return Encoder(model, tokenizer, cfg.pooling, cfg.max_length, cfg.gradient_checkpointing,
+                   cfg.causal_lm, name)  # fmt: skip

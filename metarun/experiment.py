@@ -127,7 +127,9 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], group: str | No
     log.info("task %s: %s", choices.get("task"), data.summary())
     encoder = load_backbone(typed.backbone)
     encoder.set_texts(data.texts)
-    algo = build_algorithm(cfg.algo, encoder, typed.task.way).to(device)
+    algo = build_algorithm(cfg.algo, encoder, typed.task.way)
+    algo.prepare(data)
+    algo = algo.to(device)
     sampler, val, test = make_episodes(data, typed)
 
     logger = build_logger(typed, run_dir, run_dir.name, group, resolved)

@@ -37,7 +37,8 @@ class FitResult:
     episodes_per_second: float | None
 
 
-def build_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(params: list, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """`params`: tensors or torch parameter groups (a group's own "lr" overrides train.lr)."""
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "sgd":
@@ -62,8 +63,9 @@ class Trainer:
         self.algo, self.cfg, self.sampler, self.val_episodes = algo, cfg, sampler, val_episodes
         self.logger, self.autocast = logger, autocast
         self.checkpoint_path, self.checkpoint_meta = checkpoint_path, checkpoint_meta
-        self.params = [p for p in algo.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.params, cfg)
+        groups = algo.param_groups()
+        self.params = [p for g in groups for p in g["params"]]
+        self.optimizer = build_optimizer(groups, cfg)
         warmup = max(cfg.warmup_steps, 1)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: min(1.0, (step + 1) / warmup)
@@ -138,7 +140,8 @@ class Trainer:
         cfg = self.cfg
         if cfg.steps == 0 or not self.params:
             if cfg.steps and not self.params:
-                log.warning("nothing trainable (backbone.trainable=none, no algo parameters)")
+                log.info("nothing to meta-train (frozen encoder, no algorithm parameters): "
+                         "evaluating only")  # fmt: skip
             return FitResult(0, None, None, 0.0, None)
         self.algo.train()
         bar = tqdm(range(1, cfg.steps + 1), desc="meta-train", disable=not self.progress)

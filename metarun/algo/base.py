@@ -2,6 +2,8 @@
 
 - `meta_loss(episodes)` -> (scalar loss, metrics): what the outer optimiser minimises.
 - `adapt(support, way)` -> predictor: a callable from query examples to logits [n, way].
+- `prepare(data)`: called once with the task before training, for algorithms that need more
+  than episodes (label names, the list of meta-train classes). Default: nothing.
 
 Adapted weights must be passed to the encoder as `params` (functional), never written into the
 module: evaluation relies on the encoder's own weights being constant to reuse embeddings.
@@ -16,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metarun.backbone import Encoder
-from metarun.task import Episode, Examples
+from metarun.task import Episode, Examples, TaskData
 
 Predictor = Callable[[Examples], torch.Tensor]
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -31,23 +33,56 @@ class Algorithm(nn.Module):
     # Whether evaluation may precompute the unadapted encoder's embeddings of every test text.
     # Algorithms whose predictions come from adapted encoder weights set it False.
     eval_feature_cache: bool = True
+    # The backbone family the algorithm runs on: "encoder" (pooled embeddings) or "causal_lm"
+    # (a decoder scoring text continuations). `build_algorithm` refuses a mismatch up front.
+    backbone_kind: str = "encoder"
 
     def __init__(self, encoder: Encoder, way: int) -> None:
         super().__init__()
         self.encoder = encoder
         self.way = way
 
+    def prepare(self, data: TaskData) -> None:
+        """Read what the algorithm needs from the whole task; runs before `.to(device)`."""
+
     def adapt(self, support: Examples, way: int) -> Predictor:
         raise NotImplementedError
 
+    def param_groups(self) -> list[dict]:
+        """What the outer optimiser updates, as torch optimizer groups (all trainable
+        parameters at the trainer's rate unless an algorithm says otherwise)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": params}] if params else []
+
+    def query_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The outer loss of one episode's query predictions; cross-entropy unless overridden."""
+        return F.cross_entropy(upcast(logits), labels)
+
     def meta_loss(self, episodes: Sequence[Episode]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Default: mean query cross-entropy after adapting on each episode's support set."""
+        """Default: mean query loss after adapting on each episode's support set."""
         losses, correct, total = [], 0, 0
         for ep in episodes:
             logits = self.adapt(ep.support, ep.way)(ep.query)
             labels = ep.query.labels.to(logits.device)
-            losses.append(F.cross_entropy(upcast(logits), labels))
+            losses.append(self.query_loss(logits, labels))
             correct += int((logits.argmax(-1) == labels).sum())
             total += len(labels)
         loss = torch.stack(losses).mean()
         return loss, {"loss": float(loss.detach()), "acc": correct / total}
+
+
+def freeze(module: nn.Module) -> None:
+    """Baselines that never train their encoder say so by freezing it: the trainer then has
+    nothing to optimise and goes straight to evaluation."""
+    module.requires_grad_(False)
+
+
+def fresh_module_groups(
+    algo: Algorithm, fresh: Sequence[nn.Module | None], lr: float
+) -> list[dict]:
+    """Optimizer groups: modules built from scratch learn at `lr`, the rest at the trainer's
+    rate (a pretrained encoder wants ~2e-5; a random head would barely move at that rate)."""
+    ids = {id(p) for m in fresh if m is not None for p in m.parameters()}
+    own = [p for p in algo.parameters() if p.requires_grad and id(p) in ids]
+    rest = [p for p in algo.parameters() if p.requires_grad and id(p) not in ids]
+    return [g for g in ({"params": rest}, {"params": own, "lr": lr}) if g["params"]]

@@ -15,6 +15,9 @@ class Examples:
 
     ids: torch.Tensor  # long [n]
     labels: torch.Tensor  # long [n]
+    # The class name behind each label 0..way-1: what label-name methods (zero-shot, in-context
+    # prompts) read; it carries no example, so using it is not peeking at the query.
+    classes: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -32,11 +35,13 @@ class Episode:
         return torch.cat([self.support.ids, self.query.ids])
 
 
-def _examples(per_class: list[np.ndarray], rng: np.random.Generator) -> Examples:
+def _examples(
+    per_class: list[np.ndarray], classes: tuple[str, ...], rng: np.random.Generator
+) -> Examples:
     ids = np.concatenate(per_class)
     labels = np.concatenate([np.full(len(p), c) for c, p in enumerate(per_class)])
     order = rng.permutation(len(ids))  # no algorithm may rely on examples being grouped by class
-    return Examples(torch.from_numpy(ids[order]), torch.from_numpy(labels[order]))
+    return Examples(torch.from_numpy(ids[order]), torch.from_numpy(labels[order]), classes)
 
 
 class EpisodeSampler:
@@ -57,12 +62,13 @@ class EpisodeSampler:
             picks = self.rng.choice(self.pools[c], size=self.shot + self.queries, replace=False)
             support.append(picks[: self.shot])
             query.append(picks[self.shot :])
+        classes = tuple(self.names[c] for c in chosen)
         return Episode(
-            support=_examples(support, self.rng),
-            query=_examples(query, self.rng),
+            support=_examples(support, classes, self.rng),
+            query=_examples(query, classes, self.rng),
             way=self.way,
             shot=self.shot,
-            classes=tuple(self.names[c] for c in chosen),
+            classes=classes,
         )
 
     def state_dict(self) -> dict:
