@@ -28,6 +28,7 @@ class BackboneConfig:
     trainable: str = "all"  # all | none | top_k
     top_k: int = 2  # with trainable=top_k: the last k layers (and the pooler) train
     gradient_checkpointing: bool = False
+    causal_lm: bool = False  # a decoder with its LM head (in-context learning), not an encoder
 
 
 @dataclass
@@ -124,6 +125,80 @@ class ReptileConfig(InnerLoopFields):
 
 
 @dataclass
+class RelationNetConfig:
+    _target_: str = "metarun.algo.metric.RelationNet"
+    hidden: int = 256  # width of the relation module
+    loss: str = "mse"  # mse (the paper: scores regress onto one-hot) | ce (scores as logits)
+    head_lr: float = 1e-3  # learning rate of modules built from scratch (train.lr: the encoder)
+
+
+@dataclass
+class MatchingNetConfig:
+    _target_: str = "metarun.algo.metric.MatchingNet"
+    temperature: float = 0.1  # cosine similarities are divided by it before the softmax
+    learn_temperature: bool = True
+    fce: bool = False  # full-context embeddings: a bidirectional LSTM over the support set
+    head_lr: float = 1e-3
+
+
+@dataclass
+class RidgeConfig:
+    _target_: str = "metarun.algo.ridge.RidgeHead"
+    lam: float = 1.0  # ridge penalty of the closed-form head
+    learn_lambda: bool = True
+    scale: float = 10.0  # initial logit scale (learned, with a bias)
+
+
+@dataclass
+class HyperNetConfig:
+    _target_: str = "metarun.algo.hypernet.HyperNet"
+    hidden: int = 256  # width of the task encoder and the weight writers
+    generate_lora: bool = False  # also write LoRA matrices for the backbone from the support set
+    lora_r: int = 4
+    lora_alpha: int = 8
+    lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
+    head_lr: float = 1e-3
+
+
+@dataclass
+class FineTuneConfig:
+    _target_: str = "metarun.algo.baselines.FineTune"
+    adapt: str = "head"  # what each test episode fits: head | top_k | bias | all
+    top_k: int = 1
+    eval_steps: int = 50  # gradient steps on each episode's support set
+    eval_lr: float = 0.5
+    inner_optimizer: str = "sgd"  # sgd | adam
+    head_lr: float = 1e-3  # the all-class classifier of the training phase
+
+
+@dataclass
+class FrozenConfig:
+    _target_: str = "metarun.algo.baselines.FrozenLogReg"
+    c: float = 1.0  # inverse L2 strength, as scikit-learn's C
+    max_iter: int = 100  # L-BFGS iterations per episode
+    normalize: bool = True  # unit-length features before the regression
+
+
+@dataclass
+class ZeroShotConfig:
+    _target_: str = "metarun.algo.baselines.ZeroShot"
+    template: str = "{label}"  # how a class name is phrased before it is embedded
+    temperature: float = 0.05
+    learn_temperature: bool = False
+
+
+@dataclass
+class ICLConfig:
+    _target_: str = "metarun.algo.icl.InContext"
+    template: str = "Input: {text}\nLabel: {label}"  # one demonstration
+    separator: str = "\n\n"  # between demonstrations
+    score: str = "sum"  # sum | mean: label log-probability over its tokens
+    batch_size: int = 16  # sequences per decoder forward
+    train_lm: bool = False  # MetaICL: meta-train the decoder on prompts
+    loss: str = "lm"  # lm (MetaICL: NLL of the correct label's tokens) | ce (over all labels)
+
+
+@dataclass
 class MetarunConfig:
     backbone: BackboneConfig = MISSING
     algo: Any = MISSING  # each algorithm's YAML extends its own schema under schema/algo
@@ -141,6 +216,15 @@ ALGO_SCHEMAS: dict[str, type] = {
     "fomaml": MAMLConfig,
     "anil": MAMLConfig,
     "reptile": ReptileConfig,
+    "relationnet": RelationNetConfig,
+    "matchingnet": MatchingNetConfig,
+    "ridge": RidgeConfig,
+    "hypernet": HyperNetConfig,
+    "finetune": FineTuneConfig,
+    "frozen": FrozenConfig,
+    "zeroshot": ZeroShotConfig,
+    "icl": ICLConfig,
+    "metaicl": ICLConfig,
 }
 
 

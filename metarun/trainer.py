@@ -65,11 +65,15 @@ class Trainer:
         self.checkpoint_path, self.checkpoint_meta = checkpoint_path, checkpoint_meta
         groups = algo.param_groups()
         self.params = [p for g in groups for p in g["params"]]
-        self.optimizer = build_optimizer(groups, cfg)
-        warmup = max(cfg.warmup_steps, 1)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / warmup)
-        )
+        # Frozen baselines have nothing to optimise: no optimizer, `fit` only evaluates.
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        if self.params:
+            warmup = max(cfg.warmup_steps, 1)
+            self.optimizer = build_optimizer(groups, cfg)
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer, lambda step: min(1.0, (step + 1) / warmup)
+            )
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_acc: float | None = None
         self.best_step: int | None = None
@@ -91,6 +95,7 @@ class Trainer:
     def step(self, step: int) -> dict[str, float]:
         """One outer step over a meta-batch, in chunks of `episodes_per_backward`."""
         cfg = self.cfg
+        assert self.optimizer is not None and self.scheduler is not None, "nothing to train"
         episodes = [self.sampler.sample() for _ in range(cfg.meta_batch_size)]
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
@@ -152,7 +157,9 @@ class Trainer:
             seconds += time.perf_counter() - start
             done = step
             self.logger.log(metrics, step)
-            bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", acc=f"{metrics['train/acc']:.3f}")
+            shown = {k.removeprefix("train/"): f"{metrics[k]:.3f}"
+                     for k in ("train/loss", "train/acc") if k in metrics}  # fmt: skip
+            bar.set_postfix(**shown)
             if step % cfg.val_interval == 0 or step == cfg.steps:
                 before = self.best_acc
                 self.validate(step)

@@ -149,3 +149,29 @@ def test_gradient_family_end_to_end(tmp_path, synthetic_jsonl):
     for summary in summaries:
         assert summary["status"] == "completed" and summary["test"]["episodes"] == 10
         assert summary["train"]["episodes_per_second"] > 0 and summary["peak_memory_mb"] > 0
+
+
+def test_every_other_algorithm_end_to_end(tmp_path, synthetic_jsonl):
+    algos = "relationnet,matchingnet,ridge,hypernet,finetune,frozen,zeroshot"
+    proc = metarun("-m", *FAST, f"task.path={synthetic_jsonl}", f"algo={algos}",
+                   "train.steps=2", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    decoder = metarun(*FAST, f"task.path={synthetic_jsonl}", "backbone=tiny-gpt2",
+                      "algo=metaicl", "train.steps=2", cwd=tmp_path)  # fmt: skip
+    assert decoder.returncode == 0, decoder.stderr
+    records = [json.loads((r / "summary.json").read_text()) for r in run_dirs(tmp_path)]
+    summaries = {s["algo"]: s for s in records}
+    assert sorted(summaries) == sorted([*algos.split(","), "metaicl"])
+    for name, summary in summaries.items():
+        assert summary["status"] == "completed" and summary["test"]["episodes"] == 10, name
+        assert 0 <= summary["test"]["acc"] <= 1
+    assert summaries["frozen"]["train"]["steps_done"] == 0  # nothing to meta-train
+    assert summaries["metaicl"]["train"]["steps_done"] == 2
+
+
+def test_encoder_algorithm_on_a_decoder_is_one_clear_line(tmp_path, synthetic_jsonl):
+    proc = metarun(*FAST, f"task.path={synthetic_jsonl}", "backbone=tiny-gpt2", cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("metarun: error:") and "an encoder backbone" in lines[-1]
+    assert "Traceback" not in proc.stderr

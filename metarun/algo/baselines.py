@@ -1,0 +1,156 @@
+"""Baselines every meta-learner must beat, behind the same interface and the same episodes.
+
+- `FineTune`: transfer learning. A classifier over all meta-train classes trains the encoder on
+  ordinary labelled examples; each test episode then fits a fresh head (optionally top layers).
+- `FrozenLogReg`: a frozen encoder and an L2-regularised logistic regression per episode.
+- `ZeroShot`: nearest label name; never looks at a support example.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metarun.algo.base import Algorithm, Predictor, freeze, fresh_module_groups, upcast
+from metarun.algo.inner import build_inner_loop
+from metarun.backbone import Encoder
+from metarun.errors import MetarunError
+from metarun.task import Episode, Examples, TaskData
+from metarun.task.data import readable
+
+
+class FineTune(Algorithm):
+    def __init__(
+        self, encoder: Encoder, way: int, adapt: str, top_k: int, eval_steps: int,
+        eval_lr: float, inner_optimizer: str, head_lr: float,
+    ) -> None:  # fmt: skip
+        super().__init__(encoder, way)
+        if adapt not in ("head", "top_k", "bias", "all"):
+            raise MetarunError(f"algo.adapt={adapt}; fine-tuning adapts head, top_k, bias or all")
+        # The per-episode fit is an inner loop that starts from a zero head and is never
+        # differentiated through (evaluation only).
+        self.inner = build_inner_loop(
+            encoder, way, adapt, top_k, 0, eval_steps, eval_lr, False, "zeros",
+            inner_optimizer, (1, 1, []),
+        )  # fmt: skip
+        self.eval_feature_cache = not self.inner.adapts_encoder
+        self.head_lr = head_lr
+        self.class_index: dict[str, int] = {}
+        self.classifier: nn.Linear | None = None
+
+    def prepare(self, data: TaskData) -> None:
+        """One output per meta-train class: the classifier of ordinary supervised training."""
+        self.class_index = {c: i for i, c in enumerate(sorted(data.splits["train"]))}
+        self.classifier = nn.Linear(self.encoder.dim, len(self.class_index))
+
+    def param_groups(self) -> list[dict]:
+        return fresh_module_groups(self, [self.classifier], self.head_lr)
+
+    def meta_loss(self, episodes: Sequence[Episode]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Cross-entropy over all meta-train classes on the episodes' examples, pooled into one
+        batch: the episode structure is only a source of labelled texts here."""
+        if self.classifier is None:
+            raise RuntimeError("FineTune.prepare(data) must run before training")
+        ids, labels = [], []
+        for ep in episodes:
+            for part in (ep.support, ep.query):
+                ids.append(part.ids)
+                labels.append(torch.tensor([self.class_index[ep.classes[i]] for i in part.labels]))
+        logits = self.classifier(upcast(self.encoder(torch.cat(ids))))
+        target = torch.cat(labels).to(logits.device)
+        loss = F.cross_entropy(logits, target)
+        acc = float((logits.argmax(-1) == target).float().mean())
+        return loss, {"loss": float(loss.detach()), "acc": acc}
+
+    def adapt(self, support: Examples, way: int) -> Predictor:
+        return self.inner.run(self.encoder, support, way, self.inner.eval_steps, track=False,
+                              create_graph=False).predict  # fmt: skip
+
+
+def fit_logistic(
+    x: torch.Tensor, y: torch.Tensor, way: int, c: float, max_iter: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression, sum of log-losses + ||W||^2 / (2c) (scikit-learn's C),
+    solved with L-BFGS; the bias is not penalised."""
+    weight = x.new_zeros(way, x.shape[1], requires_grad=True)
+    bias = x.new_zeros(way, requires_grad=True)
+    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter,
+                            line_search_fn="strong_wolfe", tolerance_grad=1e-6)  # fmt: skip
+
+    def objective() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(x @ weight.T + bias, y, reduction="sum")
+        loss = loss + (weight**2).sum() / (2 * c)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(objective)
+    return weight.detach(), bias.detach()
+
+
+class FrozenLogReg(Algorithm):
+    """The BERT-Freeze baseline: nothing meta-trains; each episode fits its own classifier."""
+
+    def __init__(self, encoder: Encoder, way: int, c: float, max_iter: int, normalize: bool):
+        super().__init__(encoder, way)
+        if c <= 0 or max_iter < 1:
+            raise MetarunError(f"algo.c={c} must be positive and algo.max_iter={max_iter} >= 1")
+        self.c, self.max_iter, self.normalize = c, max_iter, normalize
+        freeze(encoder)
+
+    def features(self, ids: torch.Tensor) -> torch.Tensor:
+        feats = upcast(self.encoder(ids)).detach()
+        return F.normalize(feats, dim=-1) if self.normalize else feats
+
+    def adapt(self, support: Examples, way: int) -> Predictor:
+        x = self.features(support.ids)
+        weight, bias = fit_logistic(x, support.labels.to(x.device), way, self.c, self.max_iter)
+        return lambda query: self.features(query.ids) @ weight.T + bias
+
+
+class ZeroShot(Algorithm):
+    """Classify by cosine similarity between a query and each class's name (through a template).
+
+    Training, when asked for, pulls texts towards their class names on meta-train classes.
+    """
+
+    def __init__(
+        self, encoder: Encoder, way: int, template: str, temperature: float,
+        learn_temperature: bool,
+    ) -> None:  # fmt: skip
+        super().__init__(encoder, way)
+        if "{label}" not in template:
+            raise MetarunError(f"algo.template={template!r} must contain {{label}}")
+        if temperature <= 0:
+            raise MetarunError(f"algo.temperature={temperature} must be positive")
+        self.template = template
+        self.label_names: dict[str, str] = {}
+        log_t = torch.tensor(math.log(temperature))
+        if learn_temperature:
+            self.log_temperature = nn.Parameter(log_t)
+        else:
+            self.register_buffer("log_temperature", log_t)
+
+    def prepare(self, data: TaskData) -> None:
+        self.label_names = dict(data.label_names)
+
+    def class_texts(self, classes: Sequence[str]) -> list[str]:
+        if not classes:
+            raise MetarunError("zero-shot classification needs the episode's class names")
+        return [self.template.format(label=self.label_names.get(c) or readable(c)) for c in classes]
+
+    def adapt(self, support: Examples, way: int) -> Predictor:
+        # Only the class names of the support set are read, never its examples.
+        names = F.normalize(upcast(self.encoder.encode_texts(self.class_texts(support.classes))),
+                            dim=-1)  # fmt: skip
+
+        def predict(query: Examples) -> torch.Tensor:
+            q = F.normalize(upcast(self.encoder(query.ids)), dim=-1)
+            return q @ names.T / self.log_temperature.exp()
+
+        return predict

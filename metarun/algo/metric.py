@@ -1,0 +1,107 @@
+"""Metric-based learners beside ProtoNet: Relation Networks and Matching Networks.
+
+Both classify a query by comparing its embedding with the support set; what is learned is the
+encoder and, for Relation Networks, the comparison itself.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metarun.algo.base import Algorithm, Predictor, fresh_module_groups, upcast
+from metarun.algo.protonet import prototypes
+from metarun.backbone import Encoder
+from metarun.errors import MetarunError
+from metarun.task import Examples
+
+RELATION_LOSSES = ("mse", "ce")
+
+
+class RelationNet(Algorithm):
+    """Sung et al. (2018): a learned module scores (class embedding, query) pairs in [0, 1].
+
+    The class embedding is the mean support embedding; the module sees the pair concatenated,
+    as in the paper. `loss=mse` regresses the scores onto one-hot targets (the paper);
+    `loss=ce` treats the scores as logits.
+    """
+
+    def __init__(self, encoder: Encoder, way: int, hidden: int, loss: str, head_lr: float) -> None:
+        super().__init__(encoder, way)
+        self.head_lr = head_lr
+        if loss not in RELATION_LOSSES:
+            raise MetarunError(f"algo.loss={loss}; use one of {', '.join(RELATION_LOSSES)}")
+        if hidden < 1:
+            raise MetarunError(f"algo.hidden={hidden} must be positive")
+        self.loss = loss
+        dim = encoder.dim
+        self.relation = nn.Sequential(nn.Linear(2 * dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+
+    def adapt(self, support: Examples, way: int) -> Predictor:
+        protos = upcast(prototypes(self.encoder(support.ids), support.labels, way))
+
+        def predict(query: Examples) -> torch.Tensor:
+            q = upcast(self.encoder(query.ids))
+            pairs = torch.cat(
+                [protos[None].expand(len(q), -1, -1), q[:, None].expand(-1, way, -1)], dim=-1
+            )
+            return self.relation(pairs.to(self.relation[0].weight.dtype)).squeeze(-1)
+
+        return predict
+
+    def param_groups(self) -> list[dict]:
+        return fresh_module_groups(self, [self.relation], self.head_lr)
+
+    def query_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.loss == "ce":
+            return super().query_loss(logits, labels)
+        target = F.one_hot(labels, logits.shape[-1]).to(torch.float32)
+        return F.mse_loss(torch.sigmoid(upcast(logits)), target)
+
+
+class MatchingNet(Algorithm):
+    """Vinyals et al. (2016): softmax attention over support examples by cosine similarity; the
+    prediction is the attention mass on each class. `fce` adds the paper's full-context
+    embedding of the support set (a bidirectional LSTM over it, added to each embedding)."""
+
+    def __init__(
+        self, encoder: Encoder, way: int, temperature: float, learn_temperature: bool, fce: bool,
+        head_lr: float,
+    ) -> None:  # fmt: skip
+        super().__init__(encoder, way)
+        self.head_lr = head_lr
+        if temperature <= 0:
+            raise MetarunError(f"algo.temperature={temperature} must be positive")
+        log_t = torch.tensor(math.log(temperature))
+        if learn_temperature:
+            self.log_temperature = nn.Parameter(log_t)
+        else:
+            self.register_buffer("log_temperature", log_t)
+        dim = encoder.dim
+        self.fce = nn.LSTM(dim, dim // 2, bidirectional=True, batch_first=True) if fce else None
+        if self.fce is not None and dim % 2:
+            raise MetarunError(f"algo.fce needs an even embedding size, not {dim}")
+
+    def param_groups(self) -> list[dict]:
+        return fresh_module_groups(self, [self.fce], self.head_lr)
+
+    def context(self, support_emb: torch.Tensor) -> torch.Tensor:
+        if self.fce is None:
+            return support_emb
+        out, _ = self.fce(support_emb[None].to(self.fce.weight_ih_l0.dtype))
+        return support_emb + out[0]
+
+    def adapt(self, support: Examples, way: int) -> Predictor:
+        keys = F.normalize(self.context(upcast(self.encoder(support.ids))), dim=-1)
+        onehot = F.one_hot(support.labels.to(keys.device), way).to(keys.dtype)
+
+        def predict(query: Examples) -> torch.Tensor:
+            q = F.normalize(upcast(self.encoder(query.ids)), dim=-1)
+            attention = torch.softmax(q @ keys.T / self.log_temperature.exp(), dim=-1)
+            # Log class probabilities: cross-entropy on them is the paper's negative log-likelihood.
+            return torch.log((attention @ onehot).clamp_min(1e-12))
+
+        return predict
