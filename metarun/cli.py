@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import NoReturn
 
@@ -40,7 +41,7 @@ def _app(cfg: DictConfig) -> float:
 
     hc = HydraConfig.get()
     group = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
-    run_dir = Path(cfg.run_dir or hc.runtime.output_dir)
+    run_dir = Path(cfg.run_dir or cfg.train.resume or hc.runtime.output_dir)
     choices = {
         k: str(v) for k, v in hc.runtime.choices.items() if not k.startswith(("hydra", "schema"))
     }
@@ -48,12 +49,34 @@ def _app(cfg: DictConfig) -> float:
         return run(cfg, run_dir, choices, group)
     except MetarunError as err:  # exit here: a re-raise would make Hydra print a second line
         job = f"[job {hc.job.num}: {','.join(hc.overrides.task)}] " if group else ""
-        _fail(f"{job}{err}")
+        _fail(f"{job}{err}", getattr(err, "exit_code", 2))
 
 
-def _fail(message: str) -> NoReturn:
+def _fail(message: str, code: int = 2) -> NoReturn:
     print(f"metarun: error: {message}", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
+
+
+def _placement_overrides(argv: list[str]) -> list[str]:
+    """Overrides metarun adds to the command line before Hydra reads it.
+
+    - `train.resume=<dir>`: Hydra's own files and log for this invocation go to that folder
+      too, so a resumed run stays one folder.
+    - Under torchrun, processes other than rank 0 keep no Hydra folder or log file: rank 0
+      owns the run folder (its path is broadcast to the others).
+    """
+    extra: list[str] = []
+    given = {a.split("=", 1)[0].lstrip("+") for a in argv if "=" in a}
+    resume = next((a.split("=", 1)[1] for a in argv if a.startswith("train.resume=")), None)
+    if resume and "hydra.run.dir" not in given and not {"-m", "--multirun"} & set(argv):
+        extra.append(f"hydra.run.dir={resume}")
+    rank = int(os.environ.get("RANK", "0"))
+    if rank > 0:
+        scratch = Path(tempfile.gettempdir()) / f"metarun_rank{rank}_{os.getpid()}"
+        extra += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null",
+                  "hydra/job_logging=stdout"]  # fmt: skip
+        logging.getLogger("metarun").setLevel(logging.WARNING)
+    return extra
 
 
 _NOISE = ("Config search path", "Set the environment variable HYDRA_FULL_ERROR")
@@ -85,6 +108,7 @@ def main() -> None:
     """Entry point; a mistake in the command line or config ends in one line and exit code 2."""
     register_configs()
     _quiet_libraries()
+    sys.argv += _placement_overrides(sys.argv[1:])
     if os.environ.get("HYDRA_FULL_ERROR"):  # the user asked for Hydra's full traces
         _app()
         return
@@ -92,7 +116,7 @@ def main() -> None:
     try:
         _app()
     except MetarunError as err:  # raised before any job starts
-        _fail(str(err))
+        _fail(str(err), getattr(err, "exit_code", 2))
     except (HydraException, OmegaConfBaseException) as err:
         _fail(one_line(err))
 

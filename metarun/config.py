@@ -54,10 +54,11 @@ class TaskConfig:
 
 @dataclass
 class HardwareConfig:
-    device: str = "cpu"  # cpu | cuda | cuda:N
+    device: str = "cpu"  # cpu | cuda | cuda:N (with distributed: cuda means this rank's GPU)
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     tf32: bool = False
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    distributed: bool = False  # data-parallel over torchrun's processes (nccl on CUDA, gloo on CPU)
 
 
 @dataclass
@@ -83,7 +84,10 @@ class TrainConfig:
     grad_clip: float = 1.0  # max gradient norm; 0 disables
     val_interval: int = 20  # validate every N outer steps (and after the last)
     patience: int = 0  # stop after N validations without improvement; 0 disables
-    save_checkpoint: bool = True
+    save_checkpoint: bool = True  # checkpoint.pt: the best validation weights
+    checkpoint_interval: int = 0  # save the resumable state (last.pt) every N steps; 0: at each
+    # validation. Always saved at the end, at an early stop and on Ctrl-C.
+    resume: str | None = None  # a run folder to continue (also automatic when run_dir has one)
 
 
 @dataclass

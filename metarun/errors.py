@@ -3,3 +3,9 @@
 
 class MetarunError(Exception):
     """Bad input: the message names the key or file and the fix."""
+
+
+class RunInterrupted(MetarunError):
+    """Ctrl-C: the run saved its state and stopped; the message says how to resume."""
+
+    exit_code = 130

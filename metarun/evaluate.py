@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from metarun.algo import Algorithm
+from metarun.distributed import Dist
 from metarun.task import Episode
 
 
@@ -50,19 +51,30 @@ def evaluate(
     algo: Algorithm,
     episodes: Sequence[Episode],
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    dist: Dist | None = None,
 ) -> EvalResult:
-    """Adapt on each support set, predict its query set; the model is left as it was found."""
+    """Adapt on each support set, predict its query set; the model is left as it was found.
+
+    With several processes each evaluates every world-th episode and the per-episode results
+    are gathered back into episode order, so the result does not depend on the process count.
+    """
+    dist = dist or Dist()
     was_training = algo.training
     algo.eval()
-    accs, f1s = [], []
-    ids = torch.cat([ep.text_ids() for ep in episodes])
-    cache = algo.encoder.cached(ids) if algo.eval_feature_cache else contextlib.nullcontext()
+    mine = dist.shard(list(range(len(episodes))))
+    results: dict[int, tuple[float, float]] = {}
+    ids = torch.cat([episodes[i].text_ids() for i in mine]) if mine else torch.zeros(0).long()
+    use_cache = algo.eval_feature_cache and len(ids) > 0
+    cache = algo.encoder.cached(ids) if use_cache else contextlib.nullcontext()
     with torch.no_grad(), autocast(), cache:
-        for ep in episodes:
+        for i in mine:
+            ep = episodes[i]
             logits = algo.adapt(ep.support, ep.way)(ep.query)
             pred = logits.argmax(-1).cpu().numpy()
             true = ep.query.labels.numpy()
-            accs.append(float((pred == true).mean()))
-            f1s.append(macro_f1(pred, true, ep.way))
+            results[i] = (float((pred == true).mean()), macro_f1(pred, true, ep.way))
     algo.train(was_training)
-    return EvalResult(np.array(accs), np.array(f1s))
+    for part in dist.gather(results) if dist.active else []:
+        results |= part
+    ordered = [results[i] for i in range(len(episodes))]
+    return EvalResult(np.array([a for a, _ in ordered]), np.array([f for _, f in ordered]))

@@ -8,8 +8,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,10 +21,12 @@ from tqdm import tqdm
 
 from metarun.algo import Algorithm
 from metarun.config import TrainConfig
-from metarun.errors import MetarunError
+from metarun.distributed import Dist
+from metarun.errors import MetarunError, RunInterrupted
 from metarun.evaluate import EvalResult, evaluate
 from metarun.logger import Logger
 from metarun.record import save_checkpoint
+from metarun.resume import rng_state, set_rng_state
 from metarun.task import Episode, EpisodeSampler
 
 log = logging.getLogger("metarun")
@@ -58,11 +62,20 @@ class Trainer:
         checkpoint_meta: dict[str, Any],
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         progress: bool = True,
+        state_path: Path | None = None,
+        dist: Dist | None = None,
     ) -> None:
-        self.progress = progress
+        dist = dist or Dist()
+        self.progress = progress and dist.main
         self.algo, self.cfg, self.sampler, self.val_episodes = algo, cfg, sampler, val_episodes
-        self.logger, self.autocast = logger, autocast
+        self.logger, self.autocast, self.dist = logger, autocast, dist
         self.checkpoint_path, self.checkpoint_meta = checkpoint_path, checkpoint_meta
+        self.state_path = state_path
+        if dist.active and cfg.meta_batch_size < dist.world:
+            raise MetarunError(
+                f"train.meta_batch_size={cfg.meta_batch_size} is smaller than the {dist.world} "
+                "processes; each needs at least one episode per step"
+            )
         groups = algo.param_groups()
         self.params = [p for g in groups for p in g["params"]]
         # Frozen baselines have nothing to optimise: no optimizer, `fit` only evaluates.
@@ -78,6 +91,8 @@ class Trainer:
         self.best_acc: float | None = None
         self.best_step: int | None = None
         self.saved_checkpoint = False
+        self.done, self.waited, self.seconds, self.stopped = 0, 0, 0.0, False
+        self.interrupted = False
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The parameters training changes; frozen weights come back from the backbone config."""
@@ -87,32 +102,45 @@ class Trainer:
             if p.requires_grad
         }
 
+    def load_trainable(self, state: dict[str, torch.Tensor]) -> None:
+        unknown = self.algo.load_state_dict(state, strict=False).unexpected_keys
+        if unknown:
+            raise MetarunError(f"checkpoint keys unknown to this model: {unknown[:5]}")
+
     def restore_best(self) -> None:
         if self.best_state is not None:
-            missing = self.algo.load_state_dict(self.best_state, strict=False).unexpected_keys
-            assert not missing, f"checkpoint keys unknown to the model: {missing}"
+            self.load_trainable(self.best_state)
 
     def step(self, step: int) -> dict[str, float]:
-        """One outer step over a meta-batch, in chunks of `episodes_per_backward`."""
+        """One outer step over a meta-batch, in chunks of `episodes_per_backward`.
+
+        Every process draws the same meta-batch (index draws are cheap) and backpropagates its
+        own shard; summing the shards' gradients gives the whole meta-batch's gradient, so N
+        processes take exactly the step one process would.
+        """
         cfg = self.cfg
         assert self.optimizer is not None and self.scheduler is not None, "nothing to train"
         episodes = [self.sampler.sample() for _ in range(cfg.meta_batch_size)]
+        mine = self.dist.shard(episodes)
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         chunk = max(1, cfg.episodes_per_backward)
-        for start in range(0, len(episodes), chunk):
-            part = episodes[start : start + chunk]
+        for start in range(0, len(mine), chunk):
+            part = mine[start : start + chunk]
             with self.autocast():
                 loss, metrics = self.algo.meta_loss(part)
-            if not torch.isfinite(loss):
-                value = float(loss.detach())
-                raise MetarunError(
-                    f"train/loss is {value} at step {step}: lower train.lr (now {cfg.lr}) or set "
-                    "train.grad_clip; metrics.jsonl and the best checkpoint so far are kept"
-                )
-            (loss * len(part) / len(episodes)).backward()
-            for key, value in metrics.items():
-                totals[key] = totals.get(key, 0.0) + value * len(part) / len(episodes)
+            weight = len(part) / len(episodes)
+            if torch.isfinite(loss):  # a NaN is reported below, once every process knows
+                (loss * weight).backward()
+            for key, value in {**metrics, "loss": float(loss.detach())}.items():
+                totals[key] = totals.get(key, 0.0) + value * weight
+        totals = self.dist.sum(totals, self.params[0].device)
+        if not math.isfinite(totals["loss"]):
+            raise MetarunError(
+                f"train/loss is {totals['loss']} at step {step}: lower train.lr (now {cfg.lr}) "
+                "or set train.grad_clip; metrics.jsonl and the checkpoints so far are kept"
+            )
+        self.dist.all_reduce_grads(self.params)
         if cfg.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
             totals["grad_norm"] = float(norm)
@@ -122,14 +150,15 @@ class Trainer:
         return {f"train/{k}": v for k, v in totals.items()}
 
     def validate(self, step: int) -> EvalResult:
-        result = evaluate(self.algo, self.val_episodes, self.autocast)
+        result = evaluate(self.algo, self.val_episodes, self.autocast, self.dist)
         improved = self.best_acc is None or result.acc > self.best_acc
         if improved:
             self.best_acc, self.best_step = result.acc, step
             self.best_state = self.trainable_state()
-            if self.cfg.save_checkpoint:
+            if self.cfg.save_checkpoint and self.dist.main:
                 save_checkpoint(self.checkpoint_path, self.checkpoint_payload(step, result))
                 self.saved_checkpoint = True
+        self.waited = 0 if improved else self.waited + 1
         self.logger.log(result.metrics("val") | {"val/best_acc": self.best_acc}, step)
         return result
 
@@ -141,6 +170,64 @@ class Trainer:
             **self.checkpoint_meta,
         }
 
+    def state(self) -> dict[str, Any]:
+        """Everything `resume` needs to continue exactly where this step ended."""
+        assert self.optimizer is not None and self.scheduler is not None
+        return {
+            "step": self.done, "trainable_state": self.trainable_state(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "rng": self.dist.gather(rng_state()),  # per process: dropout draws differ by shard
+            "sampler": self.sampler.state_dict(), "best_state": self.best_state,
+            "best_acc": self.best_acc, "best_step": self.best_step, "waited": self.waited,
+            "seconds": self.seconds, "stopped": self.stopped,
+            "saved_checkpoint": self.saved_checkpoint, "wandb_run_id": self.logger.wandb_id,
+            **self.checkpoint_meta,
+        }  # fmt: skip
+
+    def save_state(self) -> None:
+        state = self.state()  # every process takes part in gathering the RNG states
+        if self.state_path is not None and self.dist.main:
+            save_checkpoint(self.state_path, state)
+
+    def resume(self, state: dict[str, Any]) -> None:
+        assert self.optimizer is not None and self.scheduler is not None
+        self.load_trainable(state["trainable_state"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        rngs = state["rng"]
+        set_rng_state(rngs[self.dist.rank] if len(rngs) == self.dist.world else rngs[0])
+        self.sampler.load_state_dict(state["sampler"])
+        self.best_state, self.best_acc = state["best_state"], state["best_acc"]
+        self.best_step, self.waited = state["best_step"], state["waited"]
+        self.done, self.seconds, self.stopped = state["step"], state["seconds"], state["stopped"]
+        self.saved_checkpoint = state["saved_checkpoint"]
+        log.info("resumed at step %d of %d", self.done, self.cfg.steps)
+
+    @contextlib.contextmanager
+    def interrupt_guard(self) -> Iterator[None]:
+        """The first Ctrl-C asks the loop to stop after the current step and save; a second
+        one interrupts at once."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame) -> None:
+            if self.interrupted:
+                raise KeyboardInterrupt
+            self.interrupted = True
+            log.warning("Ctrl-C: stopping after this step and saving (again to abort now)")
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def stop_requested(self) -> bool:
+        if not self.dist.active:
+            return self.interrupted
+        return self.dist.sum({"stop": float(self.interrupted)}, self.params[0].device)["stop"] > 0
+
     def fit(self) -> FitResult:
         cfg = self.cfg
         if cfg.steps == 0 or not self.params:
@@ -149,25 +236,38 @@ class Trainer:
                          "evaluating only")  # fmt: skip
             return FitResult(0, None, None, 0.0, None)
         self.algo.train()
-        bar = tqdm(range(1, cfg.steps + 1), desc="meta-train", disable=not self.progress)
-        seconds, waited, done = 0.0, 0, 0
-        for step in bar:
-            start = time.perf_counter()
-            metrics = self.step(step)
-            seconds += time.perf_counter() - start
-            done = step
-            self.logger.log(metrics, step)
-            shown = {k.removeprefix("train/"): f"{metrics[k]:.3f}"
-                     for k in ("train/loss", "train/acc") if k in metrics}  # fmt: skip
-            bar.set_postfix(**shown)
-            if step % cfg.val_interval == 0 or step == cfg.steps:
-                before = self.best_acc
-                self.validate(step)
-                waited = 0 if self.best_acc != before else waited + 1
-                bar.set_postfix(val=f"{self.best_acc:.3f}", refresh=False)
-                if cfg.patience and waited >= cfg.patience:
-                    log.info("early stop at step %d: %d validations without gain", step, waited)
+        first = self.done + 1
+        bar = tqdm(range(first, cfg.steps + 1), desc="meta-train", disable=not self.progress,
+                   initial=self.done, total=cfg.steps)  # fmt: skip
+        with self.interrupt_guard():
+            for step in bar if not self.stopped else ():
+                start = time.perf_counter()
+                metrics = self.step(step)
+                self.seconds += time.perf_counter() - start
+                self.done = step
+                self.logger.log(metrics, step)
+                shown = {k.removeprefix("train/"): f"{metrics[k]:.3f}"
+                         for k in ("train/loss", "train/acc") if k in metrics}  # fmt: skip
+                bar.set_postfix(**shown)
+                validated = step % cfg.val_interval == 0 or step == cfg.steps
+                if validated:
+                    self.validate(step)
+                    bar.set_postfix(val=f"{self.best_acc:.3f}", refresh=False)
+                    if cfg.patience and self.waited >= cfg.patience:
+                        log.info("early stop at step %d: %d validations without gain",
+                                 step, self.waited)  # fmt: skip
+                        self.stopped = True
+                every = cfg.checkpoint_interval or cfg.val_interval
+                if step % every == 0 or step == cfg.steps or self.stopped:
+                    self.save_state()
+                if self.stop_requested():
+                    self.save_state()
+                    raise RunInterrupted(
+                        f"interrupted after step {step}; the state is saved in "
+                        f"{self.state_path}: resume with train.resume={self.state_path.parent}"
+                    )
+                if self.stopped:
                     break
         self.restore_best()
-        rate = done * cfg.meta_batch_size / seconds if seconds > 0 else math.nan
-        return FitResult(done, self.best_step, self.best_acc, seconds, rate)
+        rate = self.done * cfg.meta_batch_size / self.seconds if self.seconds > 0 else math.nan
+        return FitResult(self.done, self.best_step, self.best_acc, self.seconds, rate)

@@ -63,7 +63,10 @@ def test_steps_zero_evaluates_the_untrained_backbone_on_icd10(tmp_path):
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["algo=nope"], "Could not find 'algo/nope'. Available options in 'algo': anil, fomaml, m"),
+        (
+            ["algo=nope"],
+            "Could not find 'algo/nope'. Available options in 'algo': anil, finetune, fomaml",
+        ),
         (["backbone=tiny", "task.way=500"], "task.way=500 but the test split has only"),
         (["task=banking77", "task.data_dir=/no/such/dir"], "task.data_dir=/no/such/dir does not"),
         (["task=local", "task.label_column=intent"], "no column 'intent'"),

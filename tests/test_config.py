@@ -15,13 +15,15 @@ from metarun import config as schema
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and not p.name.startswith("_"))
-OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
+SWEEP_GROUPS = ["search"]  # configure Hydra's sweeper, not the run: tested on their own below
+OPTIONS = [(g, f.stem) for g in GROUPS if g not in SWEEP_GROUPS
+           for f in sorted((CONF / g).glob("*.yaml"))]  # fmt: skip
 SCHEMAS = {"backbone": schema.BackboneConfig, "task": schema.TaskConfig,
            "hardware": schema.HardwareConfig, "logger": schema.LoggerConfig}  # fmt: skip
 
 
 def test_groups_present():
-    assert GROUPS == ["algo", "backbone", "hardware", "logger", "task"]
+    assert GROUPS == ["algo", "backbone", "hardware", "logger", "search", "task"]
     assert len(OPTIONS) >= 14
 
 
@@ -77,3 +79,24 @@ def test_safe_name_makes_bounded_folder_names():
     )
     assert len(schema.safe_name("x=" + "y" * 500)) == 120
     assert schema.safe_name("") == "job"
+
+
+def test_scale_out_configs_compose():
+    """hardware=ddp, the SLURM launcher's keys and the Optuna search space, as Hydra sees them."""
+    from hydra import compose, initialize_config_module
+
+    register = schema.register_configs
+    register()
+    with initialize_config_module(config_module="metarun.conf", version_base="1.3"):
+        cfg = compose("config", ["hardware=ddp", "hydra/launcher=submitit_slurm",
+                                 "hydra.launcher.partition=gpu", "hydra.launcher.nodes=2"],
+                      return_hydra_config=True)  # fmt: skip
+        optuna = compose("config", ["hydra/sweeper=optuna", "+search=maml"],
+                         return_hydra_config=True)  # fmt: skip
+    assert cfg.hardware.distributed and cfg.hardware.device == "cuda"
+    launcher = cfg.hydra.launcher
+    assert (launcher.partition, launcher.nodes) == ("gpu", 2)
+    assert {"gpus_per_node", "timeout_min", "tasks_per_node"} <= set(launcher)
+    sweeper = optuna.hydra.sweeper
+    assert sweeper.direction == "maximize"
+    assert set(sweeper.params) == {"train.lr", "++algo.inner_lr", "++algo.inner_steps"}

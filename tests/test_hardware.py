@@ -24,10 +24,10 @@ def test_bad_values_name_their_key():
 
 
 def test_bf16_autocast_lowers_matmul_precision():
-    device, autocast = setup_hardware(HardwareConfig(precision="bf16"))
+    device, autocast, _ = setup_hardware(HardwareConfig(precision="bf16"))
     a = torch.randn(8, 8, device=device)
     with autocast():
         assert (a @ a).dtype == torch.bfloat16
-    _, plain = setup_hardware(HardwareConfig())
+    _, plain, _ = setup_hardware(HardwareConfig())
     with plain():
         assert (a @ a).dtype == torch.float32

@@ -63,7 +63,7 @@ def test_early_stopping_and_best_state_restored(
     scores = iter([0.5, 0.9, 0.6, 0.7, 0.8])  # best at the 2nd validation (step 4)
     snapshots = []
 
-    def fake_evaluate(algo, episodes, autocast=None):
+    def fake_evaluate(algo, episodes, autocast=None, dist=None):
         snapshots.append(
             {n: p.detach().clone() for n, p in algo.named_parameters() if p.requires_grad}
         )

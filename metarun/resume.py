@@ -1,0 +1,92 @@
+"""Exact resume: every random state a run consumes, and the checks that a resumed run is the
+same run.
+
+A resumed run replays nothing it already did and draws exactly the random numbers the
+uninterrupted run would have drawn: Python's, NumPy's global, torch's CPU and CUDA generators,
+and (saved by the trainer) the episode sampler's own generator. Everything is stored as tensors
+and plain Python values so checkpoints load with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from metarun.errors import MetarunError
+
+STATE_FILE = "last.pt"  # the resumable state; checkpoint.pt stays the best-validation weights
+# Keys a resumed run may change: how long it runs, how it reports, where it runs.
+MAY_CHANGE = ("train.steps", "train.resume", "train.patience", "logger", "hardware", "run_dir")
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state(legacy=False)
+    np_state["state"]["key"] = torch.from_numpy(np_state["state"]["key"].astype(np.int64))
+    state = {"python": random.getstate(), "numpy": np_state, "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np_state = dict(state["numpy"])
+    np_state["state"] = dict(np_state["state"])
+    np_state["state"]["key"] = np_state["state"]["key"].numpy().astype(np.uint32)
+    np.random.set_state(np_state)
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out |= flatten(value, name + ".")
+        else:
+            out[name] = value
+    return out
+
+
+def check_same_run(run_dir: Path, resolved: dict) -> None:
+    """A resumed run must be the run that was stopped: same model, data, algorithm, seeds."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.is_file():
+        raise MetarunError(f"train.resume={run_dir}: no config.yaml there; is it a run folder?")
+    saved = flatten(OmegaConf.to_container(OmegaConf.load(saved_path)))
+    now = flatten(resolved)
+    changed = sorted(
+        k for k in saved.keys() | now.keys()
+        if saved.get(k) != now.get(k) and not k.startswith(MAY_CHANGE)
+    )  # fmt: skip
+    if changed:
+        shown = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:5])
+        raise MetarunError(
+            f"cannot resume {run_dir}: the config differs ({shown}); resume with the same "
+            "overrides, or start a new run in another folder"
+        )
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop what was logged after the resumed step (it will be logged again) and any test
+    line of an earlier finish, so metrics.jsonl reads like one uninterrupted run."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        if record.get("step", 0) <= step and not any(k.startswith("test/") for k in record):
+            kept.append(line)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    tmp.replace(path)
