@@ -65,8 +65,13 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Temporary file, flushed to disk, then renamed over the old one: a kill at any moment
+    leaves either the previous checkpoint or the new one, never a torn file."""
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
+    with tmp.open("wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 

@@ -86,10 +86,21 @@ def test_killed_and_interrupted_runs_resume_exactly(tmp_path, synthetic_jsonl):
         assert s["resumed_from_step"] > 0
 
 
-def test_resume_refuses_a_different_config(tmp_path, synthetic_jsonl):
+def test_rerun_in_a_finished_folder_continues_it_and_a_changed_config_is_refused(
+    tmp_path, synthetic_jsonl
+):
     run = tmp_path / "run"
-    args = [*FAST, f"task.path={synthetic_jsonl}", f"run_dir={run}"]
+    args = [*FAST, f"task.path={synthetic_jsonl}", f"run_dir={run}", "logger=wandb"]
     assert metarun(*args, cwd=tmp_path).returncode == 0
+    first = json.loads((run / "summary.json").read_text())
+    again = metarun(*args, cwd=tmp_path)  # finished: nothing to train, same W&B run, same test
+    assert again.returncode == 0, again.stderr
+    second = json.loads((run / "summary.json").read_text())
+    assert second["resumed_from_step"] == 4 and second["wandb_run_id"] == first["wandb_run_id"]
+    assert second["test"] == first["test"]
+    lines = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in lines if "train/loss" in r] == [1, 2, 3, 4]  # nothing repeated
+    assert sum("test/acc" in r for r in lines) == 1
     proc = metarun(*args, "train.lr=0.5", cwd=tmp_path)
     assert proc.returncode == 2
     assert "cannot resume" in proc.stderr and "train.lr" in proc.stderr
