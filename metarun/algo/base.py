@@ -11,6 +11,7 @@ module: evaluation relies on the encoder's own weights being constant to reuse e
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from metarun.backbone import Encoder
+from metarun.errors import MetarunError
 from metarun.task import Episode, Examples, TaskData
 
 Predictor = Callable[[Examples], torch.Tensor]
@@ -86,3 +88,15 @@ def fresh_module_groups(
     own = [p for p in algo.parameters() if p.requires_grad and id(p) in ids]
     rest = [p for p in algo.parameters() if p.requires_grad and id(p) not in ids]
     return [g for g in ({"params": rest}, {"params": own, "lr": lr}) if g["params"]]
+
+
+def register_log_scalar(module: nn.Module, name: str, value: float, learn: bool, key: str) -> None:
+    """A positive scalar (temperature, ridge penalty) kept as its log: learned when asked
+    (a parameter, optimised in log space so it stays positive), a fixed buffer otherwise."""
+    if value <= 0:
+        raise MetarunError(f"algo.{key}={value} must be positive")
+    log_value = torch.tensor(math.log(value))
+    if learn:
+        setattr(module, name, nn.Parameter(log_value))
+    else:
+        module.register_buffer(name, log_value)

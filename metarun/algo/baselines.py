@@ -8,14 +8,20 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metarun.algo.base import Algorithm, Predictor, freeze, fresh_module_groups, upcast
+from metarun.algo.base import (
+    Algorithm,
+    Predictor,
+    freeze,
+    fresh_module_groups,
+    register_log_scalar,
+    upcast,
+)
 from metarun.algo.inner import build_inner_loop
 from metarun.backbone import Encoder
 from metarun.errors import MetarunError
@@ -126,15 +132,9 @@ class ZeroShot(Algorithm):
         super().__init__(encoder, way)
         if "{label}" not in template:
             raise MetarunError(f"algo.template={template!r} must contain {{label}}")
-        if temperature <= 0:
-            raise MetarunError(f"algo.temperature={temperature} must be positive")
         self.template = template
         self.label_names: dict[str, str] = {}
-        log_t = torch.tensor(math.log(temperature))
-        if learn_temperature:
-            self.log_temperature = nn.Parameter(log_t)
-        else:
-            self.register_buffer("log_temperature", log_t)
+        register_log_scalar(self, "log_temperature", temperature, learn_temperature, "temperature")
 
     def prepare(self, data: TaskData) -> None:
         self.label_names = dict(data.label_names)

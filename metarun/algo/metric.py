@@ -6,13 +6,11 @@ encoder and, for Relation Networks, the comparison itself.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metarun.algo.base import Algorithm, Predictor, fresh_module_groups, upcast
+from metarun.algo.base import Algorithm, Predictor, fresh_module_groups, register_log_scalar, upcast
 from metarun.algo.protonet import prototypes
 from metarun.backbone import Encoder
 from metarun.errors import MetarunError
@@ -73,13 +71,7 @@ class MatchingNet(Algorithm):
     ) -> None:  # fmt: skip
         super().__init__(encoder, way)
         self.head_lr = head_lr
-        if temperature <= 0:
-            raise MetarunError(f"algo.temperature={temperature} must be positive")
-        log_t = torch.tensor(math.log(temperature))
-        if learn_temperature:
-            self.log_temperature = nn.Parameter(log_t)
-        else:
-            self.register_buffer("log_temperature", log_t)
+        register_log_scalar(self, "log_temperature", temperature, learn_temperature, "temperature")
         dim = encoder.dim
         self.fce = nn.LSTM(dim, dim // 2, bidirectional=True, batch_first=True) if fce else None
         if self.fce is not None and dim % 2:

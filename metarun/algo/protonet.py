@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from metarun.algo.base import Algorithm, Predictor, upcast
+from metarun.algo.base import Algorithm, Predictor, register_log_scalar, upcast
 from metarun.backbone import Encoder
 from metarun.errors import MetarunError
 from metarun.task import Examples
@@ -44,14 +41,8 @@ class ProtoNet(Algorithm):
         super().__init__(encoder, way)
         if metric not in METRICS:
             raise MetarunError(f"algo.metric={metric}; use one of {', '.join(METRICS)}")
-        if temperature <= 0:
-            raise MetarunError(f"algo.temperature={temperature} must be positive")
         self.metric = metric
-        log_t = torch.tensor(math.log(temperature))
-        if learn_temperature:
-            self.log_temperature = nn.Parameter(log_t)
-        else:
-            self.register_buffer("log_temperature", log_t)
+        register_log_scalar(self, "log_temperature", temperature, learn_temperature, "temperature")
 
     def adapt(self, support: Examples, way: int) -> Predictor:
         protos = prototypes(self.encoder(support.ids), support.labels, way)

@@ -7,13 +7,11 @@ examples than dimensions the Woodbury form solves an n x n system instead of a d
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metarun.algo.base import Algorithm, Predictor, upcast
+from metarun.algo.base import Algorithm, Predictor, register_log_scalar, upcast
 from metarun.backbone import Encoder
 from metarun.errors import MetarunError
 from metarun.task import Examples
@@ -34,13 +32,9 @@ class RidgeHead(Algorithm):
         self, encoder: Encoder, way: int, lam: float, learn_lambda: bool, scale: float
     ) -> None:
         super().__init__(encoder, way)
-        if lam <= 0 or scale <= 0:
-            raise MetarunError(f"algo.lam={lam} and algo.scale={scale} must be positive")
-        log_lam = torch.tensor(math.log(lam))
-        if learn_lambda:
-            self.log_lambda = nn.Parameter(log_lam)
-        else:
-            self.register_buffer("log_lambda", log_lam)
+        if scale <= 0:
+            raise MetarunError(f"algo.scale={scale} must be positive")
+        register_log_scalar(self, "log_lambda", lam, learn_lambda, "lam")
         # R2D2's learnable output calibration: regression targets are 0/1, logits need a scale.
         self.scale = nn.Parameter(torch.tensor(float(scale)))
         self.bias = nn.Parameter(torch.tensor(0.0))
