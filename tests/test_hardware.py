@@ -31,3 +31,9 @@ def test_bf16_autocast_lowers_matmul_precision():
     _, plain, _ = setup_hardware(HardwareConfig())
     with plain():
         assert (a @ a).dtype == torch.float32
+
+
+def test_distributed_without_torchrun_names_the_command(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(MetarunError, match="torchrun --nproc_per_node N -m metarun hardware=ddp"):
+        setup_hardware(HardwareConfig(distributed=True))
