@@ -148,7 +148,8 @@ def test_joblib_launcher_and_optuna_sweeper(tmp_path, synthetic_jsonl):
     summaries = [json.loads((r / "summary.json").read_text())
                  for r in run_dirs(tmp_path / "joblib")]  # fmt: skip
     assert sorted(s["seeds"]["seed"] for s in summaries) == [0, 1]
-    proc = metarun("-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=4", *base,
+    proc = metarun("-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=4",
+                   "hydra.sweeper.direction=maximize", *base,
                    "train.lr=tag(log,interval(1e-4,1e-2))", cwd=tmp_path / "optuna")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     runs = run_dirs(tmp_path / "optuna")
