@@ -224,8 +224,7 @@ class Trainer:
             signal.signal(signal.SIGINT, previous)
 
     def stop_requested(self) -> bool:
-        if not self.dist.active:
-            return self.interrupted
+        """Whether any process was asked to stop (all must stop at the same step)."""
         return self.dist.sum({"stop": float(self.interrupted)}, self.params[0].device)["stop"] > 0
 
     def fit(self) -> FitResult:
@@ -258,10 +257,10 @@ class Trainer:
                                  step, self.waited)  # fmt: skip
                         self.stopped = True
                 every = cfg.checkpoint_interval or cfg.val_interval
-                if step % every == 0 or step == cfg.steps or self.stopped:
+                interrupted = self.stop_requested()
+                if step % every == 0 or step == cfg.steps or self.stopped or interrupted:
                     self.save_state()
-                if self.stop_requested():
-                    self.save_state()
+                if interrupted:
                     raise RunInterrupted(
                         f"interrupted after step {step}; the state is saved in "
                         f"{self.state_path}: resume with train.resume={self.state_path.parent}"

@@ -26,7 +26,7 @@ from metarun.algo.inner import build_inner_loop
 from metarun.backbone import Encoder
 from metarun.errors import MetarunError
 from metarun.task import Episode, Examples, TaskData
-from metarun.task.data import readable
+from metarun.task.data import episode_label_names
 
 
 class FineTune(Algorithm):
@@ -139,10 +139,9 @@ class ZeroShot(Algorithm):
     def prepare(self, data: TaskData) -> None:
         self.label_names = dict(data.label_names)
 
-    def class_texts(self, classes: Sequence[str]) -> list[str]:
-        if not classes:
-            raise MetarunError("zero-shot classification needs the episode's class names")
-        return [self.template.format(label=self.label_names.get(c) or readable(c)) for c in classes]
+    def class_texts(self, classes: tuple[str, ...]) -> list[str]:
+        names = episode_label_names(self.label_names, classes, "zero-shot classification")
+        return [self.template.format(label=name) for name in names]
 
     def adapt(self, support: Examples, way: int) -> Predictor:
         # Only the class names of the support set are read, never its examples.

@@ -18,7 +18,7 @@ from metarun.algo.base import Algorithm, Predictor, freeze
 from metarun.backbone import Encoder
 from metarun.errors import MetarunError
 from metarun.task import Episode, Examples, TaskData
-from metarun.task.data import readable
+from metarun.task.data import episode_label_names
 
 SCORES = ("sum", "mean")
 LOSSES = ("lm", "ce")
@@ -109,10 +109,8 @@ class InContext(Algorithm):
         row = enc.tokens[text_id, : enc.max_length]
         return enc.tokenizer.decode(row, skip_special_tokens=True)
 
-    def names(self, classes: Sequence[str]) -> list[str]:
-        if not classes:
-            raise MetarunError("in-context learning needs the episode's class names")
-        return [self.label_names.get(c) or readable(c) for c in classes]
+    def names(self, classes: tuple[str, ...]) -> list[str]:
+        return episode_label_names(self.label_names, classes, "in-context learning")
 
     def contexts(self, support: Examples, query: Examples) -> list[str]:
         names = self.names(support.classes)

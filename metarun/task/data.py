@@ -91,6 +91,15 @@ def readable(label: str) -> str:
     return label.replace("_", " ").replace("-", " ").strip()
 
 
+def episode_label_names(
+    label_names: dict[str, str], classes: tuple[str, ...], who: str
+) -> list[str]:
+    """Readable names of an episode's classes, in label order (for label-name methods)."""
+    if not classes:
+        raise MetarunError(f"{who} needs the episode's class names")
+    return [label_names.get(c) or readable(c) for c in classes]
+
+
 def load_task(cfg: TaskConfig) -> TaskData:
     by_label, published, names = _read(cfg)
     split = published or seeded_class_split(list(by_label), list(cfg.class_split), cfg.split_seed)
