@@ -129,20 +129,25 @@ class ReptileConfig(InnerLoopFields):
 
 
 @dataclass
-class RelationNetConfig:
-    _target_: str = "metarun.algo.metric.RelationNet"
-    hidden: int = 256  # width of the relation module
-    loss: str = "mse"  # mse (the paper: scores regress onto one-hot) | ce (scores as logits)
-    head_lr: float = 1e-3  # learning rate of modules built from scratch (train.lr: the encoder)
+class FreshModuleFields:
+    """For algorithms with modules built from scratch (relation module, hypernetwork, ...)."""
+
+    head_lr: float = 1e-3  # learning rate of those modules (train.lr: the pretrained encoder)
 
 
 @dataclass
-class MatchingNetConfig:
+class RelationNetConfig(FreshModuleFields):
+    _target_: str = "metarun.algo.metric.RelationNet"
+    hidden: int = 256  # width of the relation module
+    loss: str = "mse"  # mse (the paper: scores regress onto one-hot) | ce (scores as logits)
+
+
+@dataclass
+class MatchingNetConfig(FreshModuleFields):
     _target_: str = "metarun.algo.metric.MatchingNet"
     temperature: float = 0.1  # cosine similarities are divided by it before the softmax
     learn_temperature: bool = True
     fce: bool = False  # full-context embeddings: a bidirectional LSTM over the support set
-    head_lr: float = 1e-3
 
 
 @dataclass
@@ -154,25 +159,23 @@ class RidgeConfig:
 
 
 @dataclass
-class HyperNetConfig:
+class HyperNetConfig(FreshModuleFields):
     _target_: str = "metarun.algo.hypernet.HyperNet"
     hidden: int = 256  # width of the task encoder and the weight writers
     generate_lora: bool = False  # also write LoRA matrices for the backbone from the support set
     lora_r: int = 4
     lora_alpha: int = 8
     lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
-    head_lr: float = 1e-3
 
 
 @dataclass
-class FineTuneConfig:
+class FineTuneConfig(FreshModuleFields):
     _target_: str = "metarun.algo.baselines.FineTune"
     adapt: str = "head"  # what each test episode fits: head | top_k | bias | all
     top_k: int = 1
     eval_steps: int = 50  # gradient steps on each episode's support set
     eval_lr: float = 0.5
-    inner_optimizer: str = "sgd"  # sgd | adam
-    head_lr: float = 1e-3  # the all-class classifier of the training phase
+    inner_optimizer: str = "sgd"  # sgd | adam (the all-class classifier trains at head_lr)
 
 
 @dataclass
