@@ -13,7 +13,9 @@ from pathlib import Path
 from metarun.errors import MetarunError
 
 SPLIT_NAMES = ("train", "valid", "test")
-SPLIT_FORMAT_TEXT = "sentence"  # the text field of the ProtAugment split format (full.jsonl)
+# The fields of the ProtAugment split format (full.jsonl). A task option written for the hub
+# (clinc150 reads "intent" there) falls back to them when its own column is absent.
+SPLIT_FORMAT_TEXT, SPLIT_FORMAT_LABEL = "sentence", "label"
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 # ICD-10-CM repeats one condition as "initial encounter", "subsequent encounter ..." and
@@ -91,6 +93,8 @@ def read_split_dir(
     rows = [json.loads(line) for line in full.read_text().splitlines() if line.strip()]
     if rows and text_col not in rows[0] and SPLIT_FORMAT_TEXT in rows[0]:
         text_col = SPLIT_FORMAT_TEXT
+    if rows and label_col not in rows[0] and SPLIT_FORMAT_LABEL in rows[0]:
+        label_col = SPLIT_FORMAT_LABEL
     by_label = _group(rows, text_col, label_col, str(full))
     splits = {}
     for name in SPLIT_NAMES:
