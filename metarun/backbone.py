@@ -37,8 +37,12 @@ class Encoder(nn.Module):
         checkpointing: bool = False,
         causal_lm: bool = False,
         name: str = "",
+        length_buckets: int = 0,
     ) -> None:
         super().__init__()
+        if length_buckets < 0:
+            raise MetarunError(f"backbone.length_buckets={length_buckets} must be >= 0")
+        self.length_buckets = length_buckets
         self.causal_lm, self.name = causal_lm, name or type(model).__name__
         self.texts: list[str] = []
         # Activation checkpointing of each encoder call (not Hugging Face's per-layer version,
@@ -76,22 +80,58 @@ class Encoder(nn.Module):
         self.tokens = enc["input_ids"].to(device)
         self.lengths = enc["attention_mask"].sum(1).to(device)
 
-    def batch(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    def batch(self, ids: torch.Tensor, vocab: torch.Tensor | None = None) -> dict:
+        """Model inputs of texts `ids`, padded to the longest; with `vocab` (sorted token ids,
+        see `local_vocab`) token ids become positions in it, for an embedding table of its rows."""
         ids = ids.to(self.tokens.device)
         lengths = self.lengths[ids]
         width = int(lengths.max())
         input_ids = self.tokens[ids, :width]
+        if vocab is not None:
+            input_ids = torch.searchsorted(vocab, input_ids)
         mask = torch.arange(width, device=ids.device)[None, :] < lengths[:, None]
         return {"input_ids": input_ids, "attention_mask": mask.long()}
 
-    def forward(self, ids: torch.Tensor, params: dict[str, torch.Tensor] | None = None):
-        """Pooled embeddings [n, dim] of texts `ids`, optionally with overridden parameters."""
+    def local_vocab(self, ids: torch.Tensor) -> torch.Tensor:
+        """The sorted distinct token ids of texts `ids`, plus 0..padding_idx so that the
+        embedding's padding row keeps its index (its gradient is masked by index)."""
+        tokens = self.tokens[ids.to(self.tokens.device)].flatten()
+        padding = getattr(self.model.get_input_embeddings(), "padding_idx", None) or 0
+        fixed = torch.arange(padding + 1, device=tokens.device)
+        return torch.unique(torch.cat([fixed, tokens]))
+
+    def length_groups(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        """Positions of `ids` in groups of similar length, so that little of each forward is
+        padding (about 40% of an ICD-10 episode's tokens otherwise). Groups keep at least 8
+        texts; `length_buckets` 0 means 2 groups on CPU (more make matmuls too small to pay off,
+        measured with scripts/bench.py) and 1 on GPU, where a small batch costs kernel launches
+        rather than FLOPs."""
+        buckets = self.length_buckets or (1 if self.tokens.device.type == "cuda" else 2)
+        groups = min(buckets, len(ids) // 8)
+        if groups <= 1:
+            return [torch.arange(len(ids), device=ids.device)]
+        order = torch.argsort(self.lengths[ids.to(self.lengths.device)], stable=True)
+        return list(order.to(ids.device).tensor_split(groups))
+
+    def forward(
+        self,
+        ids: torch.Tensor,
+        params: dict[str, torch.Tensor] | None = None,
+        vocab: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Pooled embeddings [n, dim] of texts `ids`, optionally with overridden parameters
+        (`vocab`: the rows of an overridden input embedding table, as in `batch`)."""
         if params is None and self._cache is not None:
             rows = self._cache_row[ids.to(self._cache_row.device)]
             if bool((rows < 0).any()):
                 raise RuntimeError("text id outside the evaluation cache")
             return self._cache[rows]
-        return self.embed(self.batch(ids), params)
+        groups = self.length_groups(ids)
+        if len(groups) == 1:
+            return self.embed(self.batch(ids, vocab), params)
+        parts = [self.embed(self.batch(ids[g], vocab), params) for g in groups]
+        inverse = torch.argsort(torch.cat(groups))
+        return torch.cat(parts)[inverse.to(parts[0].device)]
 
     def encode_texts(self, texts: Sequence[str], params: dict | None = None) -> torch.Tensor:
         """Pooled embeddings of texts outside the task's table (label names, templates)."""
@@ -129,15 +169,15 @@ class Encoder(nn.Module):
     def cached(self, ids: torch.Tensor, batch_size: int = 256) -> Iterator[None]:
         """Within the block, unadapted calls return precomputed embeddings of `ids`.
 
-        Valid because evaluation never changes the encoder's own parameters: adapted weights
-        always arrive as `params`, and those calls bypass the cache.
+        Valid because the encoder's own parameters do not change inside the block: adapted
+        weights always arrive as `params`, and those calls bypass the cache. Under autograd
+        (training) the rows keep their graph, so gradients reach the one shared forward.
         """
         ids = torch.unique(ids.to(self.tokens.device))
         ids = ids[torch.argsort(self.lengths[ids])]  # similar lengths per batch: little padding
         chunks = []
-        with torch.no_grad():
-            for start in range(0, len(ids), batch_size):
-                chunks.append(self(ids[start : start + batch_size]))
+        for start in range(0, len(ids), batch_size):
+            chunks.append(self(ids[start : start + batch_size]))
         row = torch.full((len(self.tokens),), -1, dtype=torch.long, device=self.tokens.device)
         row[ids] = torch.arange(len(ids), device=row.device)
         self._cache, self._cache_row = torch.cat(chunks), row
@@ -205,4 +245,4 @@ def load_backbone(cfg: BackboneConfig) -> Encoder:
     set_trainable(model, cfg.trainable, cfg.top_k)
     name = f"random {model.config.model_type}" if cfg.random_init else Path(cfg.path).name
     return Encoder(model, tokenizer, cfg.pooling, cfg.max_length, cfg.gradient_checkpointing,
-                   cfg.causal_lm, name)  # fmt: skip
+                   cfg.causal_lm, name, cfg.length_buckets)  # fmt: skip

@@ -64,7 +64,7 @@ def evaluate(
     mine = dist.shard(list(range(len(episodes))))
     results: dict[int, tuple[float, float]] = {}
     ids = torch.cat([episodes[i].text_ids() for i in mine]) if mine else torch.zeros(0).long()
-    use_cache = algo.eval_feature_cache and len(ids) > 0
+    use_cache = algo.feature_cache and len(ids) > 0
     cache = algo.encoder.cached(ids) if use_cache else contextlib.nullcontext()
     with torch.no_grad(), autocast(), cache:
         for i in mine:

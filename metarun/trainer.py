@@ -44,7 +44,8 @@ class FitResult:
 def build_optimizer(params: list, cfg: TrainConfig) -> torch.optim.Optimizer:
     """`params`: tensors or torch parameter groups (a group's own "lr" overrides train.lr)."""
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # One fused kernel over all tensors instead of a loop of small ops per tensor.
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     raise MetarunError(f"train.optimizer={cfg.optimizer}; use adamw or sgd")

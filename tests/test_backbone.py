@@ -92,3 +92,61 @@ def test_minilm_loads_from_the_package(compose_cfg):
     with torch.no_grad():
         e = torch.nn.functional.normalize(enc(torch.tensor([0, 1, 2])), dim=-1)
     assert e[0] @ e[1] > e[0] @ e[2]  # real pretrained weights: paraphrases are closer
+
+
+def _mixed_lengths(n: int) -> list[str]:
+    words = [
+        "alpha",
+        "beta",
+        "gamma",
+        "delta",
+        "epsilon",
+        "zeta",
+        "eta",
+        "theta",
+        "iota",
+        "kappa",
+        "lambda",
+        "mu",
+    ]
+    return [" ".join(words[: 1 + (i * 7) % len(words)]) for i in range(n)]
+
+
+def test_length_groups_give_the_same_embeddings_in_the_callers_order(tiny_encoder):
+    """Forwarding texts in groups of similar length only removes padding: same results, same
+    order, gradients included."""
+    tiny_encoder.set_texts(_mixed_lengths(24))
+    tiny_encoder.eval()
+    ids = torch.randperm(24)
+    tiny_encoder.length_buckets = 1
+    whole = tiny_encoder(ids)
+    tiny_encoder.length_buckets = 3
+    groups = tiny_encoder.length_groups(ids)
+    assert len(groups) == 3 and sorted(torch.cat(groups).tolist()) == list(range(24))
+    widths = [int(tiny_encoder.lengths[ids[g]].max()) for g in groups]
+    assert widths == sorted(widths) and widths[0] < widths[-1]  # short texts pad less
+    grouped = tiny_encoder(ids)
+    assert torch.allclose(whole, grouped, atol=1e-5)
+    weight = next(p for n, p in tiny_encoder.model.named_parameters() if "dense.weight" in n)
+    grads = []
+    for buckets in (1, 3):
+        tiny_encoder.length_buckets = buckets
+        (g,) = torch.autograd.grad(tiny_encoder(ids).pow(2).sum(), weight)
+        grads.append(g)
+    assert torch.allclose(*grads, atol=1e-5)
+    assert len(tiny_encoder.length_groups(ids[:10])) == 1  # groups keep at least 8 texts
+
+
+def test_episode_vocabulary_table_gives_the_full_tables_embeddings(tiny_encoder):
+    """An embedding table cut to an episode's tokens (`vocab`) encodes those texts exactly as
+    the whole table does; the padding row keeps its index."""
+    tiny_encoder.set_texts(TEXTS)
+    tiny_encoder.eval()
+    ids = torch.tensor([0, 2])
+    vocab = tiny_encoder.local_vocab(ids)
+    assert vocab[0] == 0 and bool((vocab[1:] > vocab[:-1]).all())
+    assert len(vocab) < tiny_encoder.model.get_input_embeddings().num_embeddings // 100
+    name = "embeddings.word_embeddings.weight"
+    table = tiny_encoder.model.get_parameter(name)
+    cut = tiny_encoder(ids, params={name: table[vocab]}, vocab=vocab)
+    assert torch.allclose(cut, tiny_encoder(ids), atol=1e-6)

@@ -27,7 +27,7 @@ def test_macro_f1_by_hand():
 
 
 class _CountingProtoNet(ProtoNet):
-    eval_feature_cache = False
+    feature_cache = False
 
 
 def test_cached_and_uncached_evaluation_agree(tiny_encoder, synthetic_task):

@@ -99,12 +99,14 @@ def test_zero_inner_lr_gives_the_plain_gradient(make, episodes, algo_name):
 
 
 def test_anil_equals_maml_restricted_to_the_head(make, episodes):
-    anil = make("algo=anil")  # features encoded once per task
-    plain = make("algo=anil", "algo.reuse_features=false")  # re-encoded at every inner step
-    assert anil.eval_feature_cache and not plain.eval_feature_cache
+    # Support and query encoded once per task, in one forward; against re-encoding at every
+    # inner step (float64: the batches differ, so float32 rounding would differ too).
+    anil = make("algo=anil", dtype=torch.float64)
+    plain = make("algo=anil", "algo.reuse_features=false", dtype=torch.float64)
+    assert anil.feature_cache and not plain.feature_cache
     grads = meta_grads(anil, episodes)
     assert any(n.startswith("encoder.model.") for n in grads)  # the body still learns
-    assert_same(grads, meta_grads(plain, episodes), atol=1e-6)
+    assert_same(grads, meta_grads(plain, episodes), atol=1e-10)
 
 
 def test_reptile_moves_weights_towards_the_adapted_ones_by_the_step_fraction(make, episodes):
@@ -224,3 +226,45 @@ def test_activation_checkpointing_keeps_meta_gradients(make, episodes, name):
     ckpt = meta_grads(make(f"algo={name}", "algo.inner_lr=0.1", checkpointing=True), episodes)
     # Checkpointed calls always use the math attention kernel; first order otherwise may not.
     assert_same(plain, ckpt, atol=1e-3)
+
+
+def test_episode_vocabulary_inner_loop_equals_the_full_table(make, episodes):
+    """Adapting only the embedding rows of an episode's tokens is exact: the same meta-gradient
+    and the same adapted weights as carrying the whole table through the inner loop."""
+    cut = make("algo=maml", "algo.inner_steps=2", "algo.inner_lr=0.5", dtype=torch.float64)
+    assert cut.inner.table == "model.embeddings.word_embeddings.weight"
+    full = make("algo=maml", "algo.inner_steps=2", "algo.inner_lr=0.5", dtype=torch.float64)
+    full.inner.table = None
+    assert_same(meta_grads(cut, episodes), meta_grads(full, episodes), atol=1e-10)
+    support = episodes[0].support
+    a = cut.inner.run(cut.encoder, support, 3, 2, track=False, create_graph=False).params
+    b = full.inner.run(full.encoder, support, 3, 2, track=False, create_graph=False).params
+    name = "model.embeddings.word_embeddings.weight"
+    assert a[name].shape == b[name].shape and torch.allclose(a[name], b[name], atol=1e-10)
+    moved = (a[name] != cut.encoder.model.get_parameter(name[6:])).any(-1)
+    assert 0 < int(moved.sum()) <= len(cut.encoder.local_vocab(support.ids))
+
+
+def test_inner_gradient_treats_the_prototype_head_as_its_own_variable(make, episodes):
+    """With head_init=proto the head is computed from the encoder; the inner step's encoder
+    gradient is the partial one (head held fixed), the same at step 0 as at later steps."""
+    algo = make("algo=maml", "algo.adapt=bias", "algo.inner_steps=1", "algo.inner_lr=0.1",
+                dtype=torch.float64)  # fmt: skip
+    support = episodes[0].support
+    adapted = algo.inner.run(algo.encoder, support, 3, 1, track=True, create_graph=False)
+    inner = algo.inner
+    enc = algo.encoder
+    params = {f"model.{n}": enc.model.get_parameter(n).detach().clone().requires_grad_()
+              for n in inner.names}  # fmt: skip
+    with torch.no_grad():
+        weight, bias = inner.init_head(enc(support.ids), support.labels, 3, inner.lrs)
+    params |= {"head.weight": weight.requires_grad_(), "head.bias": bias.requires_grad_()}
+    loss = F.cross_entropy(inner.logits(inner.features(enc, support, params), params),
+                           support.labels)  # fmt: skip
+    found = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+    grads = dict(zip(params, found, strict=True))
+    for name, value in params.items():
+        if grads[name] is None:  # the pooler: unused by mean pooling, left as it is
+            continue
+        expected = value.detach() - 0.1 * grads[name]
+        assert torch.allclose(adapted.params[name].detach(), expected, atol=1e-10), name

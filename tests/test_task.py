@@ -163,3 +163,14 @@ def test_fixed_episodes_identical_across_calls_and_independent_per_split(synthet
 
 def test_readable_label_names():
     assert readable("card_payment_wrong_exchange_rate") == "card payment wrong exchange rate"
+
+
+def test_split_dir_falls_back_to_the_split_formats_label_field(tmp_path):
+    """task=clinc150 names its hub column 'intent'; a ProtAugment folder calls it 'label'."""
+    rows = [{"text": f"text {c} {i}", "label": c} for c in "abcdefghi" for i in range(3)]
+    splits = {"train": ["a", "b", "c"], "valid": ["d", "e", "f"], "test": ["g", "h", "i"]}
+    root = _split_dir(tmp_path / "d", rows, splits)
+    cfg = TaskConfig(data_dir=str(root), label_column="intent", way=2, shots=1, queries=1)
+    data = load_task(cfg)
+    assert sorted(data.splits["test"]) == ["g", "h", "i"]
+    assert all(len(ids) == 3 for ids in data.splits["train"].values())

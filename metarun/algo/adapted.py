@@ -31,6 +31,16 @@ def inject_lora(model: nn.Module, r: int, alpha: int, targets: list[str]) -> Non
         param.requires_grad_("lora_" in name or trainable.get(base, trainable.get(name, False)))
 
 
+def untied_input_embedding(model: nn.Module) -> str | None:
+    """Name of the token embedding table, unless an output layer shares it (then every row
+    matters to every prediction and the table cannot be cut to an episode's tokens)."""
+    table = model.get_input_embeddings().weight
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if output is not None and getattr(output, "weight", None) is table:
+        return None
+    return next((n for n, p in model.named_parameters() if p is table), None)
+
+
 def adapted_names(model: nn.Module, adapt: str, top_k: int) -> list[str]:
     """Names (as in `model.named_parameters()`) of the tensors the inner loop updates."""
     if adapt not in ADAPT:

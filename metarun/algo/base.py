@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -32,9 +33,11 @@ def upcast(t: torch.Tensor) -> torch.Tensor:
 
 
 class Algorithm(nn.Module):
-    # Whether evaluation may precompute the unadapted encoder's embeddings of every test text.
-    # Algorithms whose predictions come from adapted encoder weights set it False.
-    eval_feature_cache: bool = True
+    # Whether the algorithm reads the encoder only through its own (unadapted) embeddings,
+    # `encoder(ids)`: then evaluation precomputes those of every test text once, and training
+    # encodes an episode's support and query texts in one forward (fuller, better-packed
+    # batches). Algorithms whose predictions come from adapted encoder weights set it False.
+    feature_cache: bool = True
     # The backbone family the algorithm runs on: "encoder" (pooled embeddings) or "causal_lm"
     # (a decoder scoring text continuations). `build_algorithm` refuses a mismatch up front.
     backbone_kind: str = "encoder"
@@ -64,7 +67,9 @@ class Algorithm(nn.Module):
         """Default: mean query loss after adapting on each episode's support set."""
         losses, correct, total = [], 0, 0
         for ep in episodes:
-            logits = self.adapt(ep.support, ep.way)(ep.query)
+            shared = self.encoder.cached(ep.text_ids()) if self.feature_cache else nullcontext()
+            with shared:
+                logits = self.adapt(ep.support, ep.way)(ep.query)
             labels = ep.query.labels.to(logits.device)
             losses.append(self.query_loss(logits, labels))
             correct += int((logits.argmax(-1) == labels).sum())

@@ -43,7 +43,7 @@ class FineTune(Algorithm):
             encoder, way, adapt, top_k, 0, eval_steps, eval_lr, False, "zeros",
             inner_optimizer, (1, 1, []),
         )  # fmt: skip
-        self.eval_feature_cache = not self.inner.adapts_encoder
+        self.feature_cache = not self.inner.adapts_encoder
         self.head_lr = head_lr
         self.class_index: dict[str, int] = {}
         self.classifier: nn.Linear | None = None

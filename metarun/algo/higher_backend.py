@@ -55,8 +55,8 @@ def adapt_with_higher(
         weight, bias = inner.init_head(feats0, labels, way, inner.lrs)
         fmodel = higher.monkeypatch(net, copy_initial_weights=False, track_higher_grads=track)
         start = [
-            weight if n == "head.weight" else bias if n == "head.bias" else p
-            for n, p in net.named_parameters()
+            weight if n == "head.weight" else bias if n == "head.bias" else p.view_as(p)
+            for n, p in net.named_parameters()  # aliases: partial inner gradients, as func
         ]
         if not track:
             start = [p.detach().requires_grad_() for p in start]

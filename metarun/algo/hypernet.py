@@ -49,7 +49,7 @@ class HyperNet(Algorithm):
         self.lora_writer: nn.ModuleDict | None = None
         if generate_lora:
             self.build_lora_writer(lora_r, lora_alpha, lora_targets, hidden)
-        self.eval_feature_cache = not generate_lora
+        self.feature_cache = not generate_lora
 
     def build_lora_writer(self, r: int, alpha: int, targets: list[str], hidden: int) -> None:
         model = self.encoder.model

@@ -75,7 +75,7 @@ class PromptFormat:
 
 class InContext(Algorithm):
     backbone_kind = "causal_lm"
-    eval_feature_cache = False  # predictions come from prompts, not cached embeddings
+    feature_cache = False  # predictions come from prompts, not cached embeddings
 
     def __init__(
         self, encoder: Encoder, way: int, template: str, separator: str, score: str,

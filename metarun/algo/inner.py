@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metarun.algo.adapted import adapted_names, inject_lora
+from metarun.algo.adapted import adapted_names, inject_lora, untied_input_embedding
 from metarun.algo.base import upcast
 from metarun.algo.protonet import prototypes
 from metarun.backbone import Encoder
@@ -61,6 +61,10 @@ class InnerLoop(nn.Module):
         if steps < 0 or eval_steps < 0:
             raise MetarunError("algo.inner_steps and algo.eval_inner_steps must be >= 0")
         self.names, self.way, self.head_dim = names, way, encoder.dim
+        # The input embedding table adapts only in the rows of the episode's tokens (the others
+        # get zero gradient): the inner loop carries those rows, not the whole vocabulary.
+        table = untied_input_embedding(encoder.model)
+        self.table = f"model.{table}" if table in names else None
         self.steps, self.eval_steps = steps, eval_steps
         self.head_init, self.optimizer = head_init, optimizer
         # One learning rate per adapted tensor and per training step (MAML++ "LSLR");
@@ -90,12 +94,22 @@ class InnerLoop(nn.Module):
         weight = like.new_zeros(way, self.head_dim, requires_grad=True)
         return weight, like.new_zeros(way, requires_grad=True)
 
-    def start(self, encoder: Encoder, track: bool) -> dict[str, torch.Tensor]:
+    def start(self, encoder: Encoder, track: bool, vocab: torch.Tensor | None):
+        """The initial adapted tensors (the embedding table's `vocab` rows only) and the
+        whole initial table, which the adapted rows are written back into at the end."""
         params = {f"model.{n}": encoder.model.get_parameter(n) for n in self.names}
-        return {
-            k: v if (track and v.requires_grad) else v.detach().requires_grad_()
+        # An alias, not the parameter itself: the inner gradient is the partial one with the
+        # head as its own variable (as at every later step), not through the prototype init.
+        params = {
+            k: v.view_as(v) if (track and v.requires_grad) else v.detach().requires_grad_()
             for k, v in params.items()
         }
+        table = None
+        if vocab is not None:
+            table = params[self.table]
+            rows = table[vocab]
+            params[self.table] = rows if track else rows.detach().requires_grad_()
+        return params, table
 
     def run(
         self, encoder: Encoder, support: Examples, way: int, steps: int, track: bool,
@@ -107,7 +121,8 @@ class InnerLoop(nn.Module):
         the plain MAML path, against which ANIL's encode-once shortcut is tested.
         """
         with torch.enable_grad():
-            params = self.start(encoder, track)
+            vocab = encoder.local_vocab(support.ids) if self.table else None
+            params, table = self.start(encoder, track, vocab)
             labels = support.labels.to(encoder.tokens.device)
             # Unadapted support features: needed for a prototype head, and they are the
             # features of every step when only the head adapts (ANIL: computed once).
@@ -123,9 +138,11 @@ class InnerLoop(nn.Module):
             loss = torch.tensor(float("nan"))
             for step in range(steps):
                 reuse = not self.names and not recompute
-                feats = feats0 if reuse else self.features(encoder, support, params)
+                feats = feats0 if reuse else self.features(encoder, support, params, vocab)
                 loss = F.cross_entropy(self.logits(feats, params), labels)
                 params = self.update(params, loss, step, track, create_graph, state)
+            if vocab is not None:  # the whole adapted table: any query token may appear
+                params[self.table] = table.index_copy(0, vocab, params[self.table])
         if not track:
             params = {k: v.detach() for k, v in params.items()}
 
@@ -134,11 +151,13 @@ class InnerLoop(nn.Module):
 
         return Adapted(params, float(loss.detach()), predict)
 
-    def features(self, encoder: Encoder, examples: Examples, params: dict) -> torch.Tensor:
+    def features(
+        self, encoder: Encoder, examples: Examples, params: dict, vocab: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if not self.names:
             return encoder(examples.ids)  # head-only: the encoder's own features (cacheable)
         enc = {k.removeprefix("model."): v for k, v in params.items() if k.startswith("model.")}
-        return encoder(examples.ids, params=enc)
+        return encoder(examples.ids, params=enc, vocab=vocab)
 
     @staticmethod
     def logits(feats: torch.Tensor, params: dict) -> torch.Tensor:

@@ -42,7 +42,7 @@ class MAML(Algorithm):
         self.first_order, self.backend = first_order, backend
         self.reuse_features = reuse_features
         # Head-only adaptation reads the unadapted encoder's features: evaluation may cache them.
-        self.eval_feature_cache = not self.inner.adapts_encoder and reuse_features
+        self.feature_cache = not self.inner.adapts_encoder and reuse_features
         if backend == "higher":
             from metarun.algo.higher_backend import check_supported
 

@@ -28,7 +28,7 @@ class Reptile(Algorithm):
             encoder, way, adapt, top_k, inner_steps, eval_inner_steps, inner_lr, False,
             head_init, inner_optimizer, (lora_r, lora_alpha, lora_targets),
         )  # fmt: skip
-        self.eval_feature_cache = not self.inner.adapts_encoder
+        self.feature_cache = not self.inner.adapts_encoder
 
     def initial(self, name: str) -> torch.Tensor | None:
         """The meta-parameter behind an adapted tensor, if the outer loop learns it."""
