@@ -15,7 +15,9 @@ from metarun import config as schema
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and not p.name.startswith("_"))
-SWEEP_GROUPS = ["search"]  # configure Hydra's sweeper, not the run: tested on their own below
+# Configure Hydra's sweeper (search) or the whole run from the top (experiment, `+experiment=`):
+# tested on their own below.
+SWEEP_GROUPS = ["experiment", "search"]
 OPTIONS = [(g, f.stem) for g in GROUPS if g not in SWEEP_GROUPS
            for f in sorted((CONF / g).glob("*.yaml"))]  # fmt: skip
 SCHEMAS = {"backbone": schema.BackboneConfig, "task": schema.TaskConfig,
@@ -23,7 +25,7 @@ SCHEMAS = {"backbone": schema.BackboneConfig, "task": schema.TaskConfig,
 
 
 def test_groups_present():
-    assert GROUPS == ["algo", "backbone", "hardware", "logger", "search", "task"]
+    assert GROUPS == ["algo", "backbone", "experiment", "hardware", "logger", "search", "task"]
     assert len(OPTIONS) >= 14
 
 
@@ -100,3 +102,25 @@ def test_scale_out_configs_compose():
     sweeper = optuna.hydra.sweeper
     assert sweeper.direction == "maximize"
     assert set(sweeper.params) == {"train.lr", "++algo.inner_lr", "++algo.inner_steps"}
+
+
+@pytest.mark.parametrize("task", ["banking77", "clinc150"])
+def test_protaugment_experiment_sets_the_protocol_and_its_sweep(task, monkeypatch):
+    """The published protocol, with data read from ../shared/data (or METARUN_DATA) by the task's
+    name, and the sweep over tasks, shots and the 5 class splits as one multirun."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.hydra_config import HydraConfig
+
+    monkeypatch.setenv("METARUN_DATA", "/data/fewshot")
+    schema.register_configs()
+    with initialize_config_module(config_module="metarun.conf", version_base="1.3"):
+        cfg = compose("config", ["+experiment=protaugment", f"task={task}"],
+                      return_hydra_config=True)  # fmt: skip
+    HydraConfig.instance().set_config(cfg)  # what a real run has: ${hydra:...} resolves
+    typed = OmegaConf.to_object(cfg.task)
+    assert isinstance(typed, schema.TaskConfig) and typed.data_dir == f"/data/fewshot/{task}"
+    shape = (typed.way, typed.queries, typed.test_episodes)
+    assert shape == (5, 5, 600)
+    params = cfg.hydra.sweeper.params
+    assert params["task"] == "banking77,clinc150" and params["task.shots"] == "1,5"
+    assert params["task.split"].split(",") == ["01", "02", "03", "04", "05"]

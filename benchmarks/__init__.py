@@ -1,0 +1,1 @@
+"""Baselines that the benchmark scripts compare metarun against (not part of the package)."""

@@ -1,0 +1,247 @@
+"""One benchmark measurement ("cell"), run in a fresh process by scripts/bench.py.
+
+Each cell builds what `metarun` would build from the same config overrides (compose, backbone,
+algorithm, the real `Trainer.step`), draws its episodes once, times the steps, then replays the
+very same episodes under `FlopCounterMode` to count their FLOPs. A fresh process per cell keeps
+peak memory honest: on CPU the kernel's high-water mark (VmHWM) is reset before the measured
+steps; on CUDA the allocator's peak is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra import compose, initialize_config_module
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks.reference_higher import EncoderClassifier, ReferenceMAML
+from metarun.algo import build_algorithm
+from metarun.backbone import Encoder, load_backbone
+from metarun.config import MetarunConfig, register_configs
+from metarun.evaluate import evaluate
+from metarun.experiment import seed_everything, setup_hardware
+from metarun.logger import Logger
+from metarun.task import STREAM, Episode, EpisodeSampler, fixed_episodes, load_task
+from metarun.trainer import Trainer
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    register_configs()
+    with initialize_config_module(config_module="metarun.conf", version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+# ---------------------------------------------------------------- memory and time
+
+
+def rss_mb() -> float:
+    pages = int(Path("/proc/self/statm").read_text().split()[1])
+    return pages * 4096 / 2**20
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:  # Linux: "5" resets this process's peak resident set size (VmHWM)
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
+
+
+def in_use_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    return rss_mb()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_steps(
+    step: Callable[[Any], Any], batches: list, warmup: int, device: torch.device
+) -> dict[str, float]:
+    """Run `warmup` untimed steps, then time the rest; memory is the peak of the timed ones."""
+    idle = in_use_mb(device)
+    for batch in batches[:warmup]:
+        step(batch)
+    reset_peak(device)
+    sync(device)
+    start = time.perf_counter()
+    for batch in batches[warmup:]:
+        step(batch)
+    sync(device)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "peak_mb": peak_mb(device), "idle_mb": idle}
+
+
+def counted_flops(step: Callable[[Any], Any], batches: list) -> float:
+    with FlopCounterMode(display=False) as counter:
+        for batch in batches:
+            step(batch)
+    return float(counter.get_total_flops())
+
+
+# ---------------------------------------------------------------- building blocks
+
+
+class Replay:
+    """A sampler that hands out pre-drawn episodes, so a replay sees exactly the same ones."""
+
+    def __init__(self, episodes: list[Episode]) -> None:
+        self.episodes, self.next = episodes, 0
+
+    def sample(self) -> Episode:
+        episode = self.episodes[self.next]
+        self.next += 1
+        return episode
+
+
+def build(overrides: list[str]):
+    """(typed config, raw config, device, autocast, task data, encoder) as `metarun` builds them."""
+    cfg = compose_config(overrides)
+    typed: MetarunConfig = OmegaConf.to_object(cfg)
+    device, autocast, _ = setup_hardware(typed.hardware)
+    seed_everything(typed.seed)
+    data = load_task(typed.task)
+    encoder = load_backbone(typed.backbone)
+    encoder.set_texts(data.texts)
+    return typed, cfg, device, autocast, data, encoder
+
+
+def draw(data, typed: MetarunConfig, n: int) -> list[Episode]:
+    task = typed.task
+    sampler = EpisodeSampler(data.splits["train"], task.way, task.shots, task.queries,
+                             seed=[typed.seed, STREAM["train"]])  # fmt: skip
+    return [sampler.sample() for _ in range(n)]
+
+
+def parameter_count(encoder: Encoder) -> int:
+    return sum(p.numel() for p in encoder.model.parameters())
+
+
+# ---------------------------------------------------------------- cells
+
+
+def train_cell(overrides: list[str], warmup: int, steps: int) -> dict[str, Any]:
+    """Meta-training throughput, peak memory and FLOPs of metarun's own outer step."""
+    typed, cfg, device, autocast, data, encoder = build(overrides)
+    algo = build_algorithm(cfg.algo, encoder, typed.task.way)
+    algo.prepare(data)
+    algo = algo.to(device)
+    batch = typed.train.meta_batch_size
+    episodes = draw(data, typed, batch * (warmup + steps))
+    replay = Replay(episodes)
+    trainer = Trainer(algo, typed.train, replay, [], Logger([]), Path("unused.pt"), {},
+                      autocast, progress=False)  # fmt: skip
+    algo.train()
+    timing = timed_steps(trainer.step, list(range(warmup + steps)), warmup, device)
+    replay.next = warmup * batch  # the measured episodes again, under the FLOP counter
+    flops = counted_flops(trainer.step, list(range(steps)))
+    return {**timing, "flops": flops, "episodes": steps * batch,
+            "params": parameter_count(encoder), "device": str(device)}  # fmt: skip
+
+
+def reference_cell(overrides: list[str], warmup: int, steps: int) -> dict[str, Any]:
+    """The same episodes through benchmarks/reference_higher.py (second-order MAML, higher)."""
+    typed, cfg, device, _, data, encoder = build(overrides)
+    way, batch = typed.task.way, typed.train.meta_batch_size
+    head = torch.nn.Linear(encoder.dim, way)
+    with torch.no_grad():  # the initial head of algo.head_init=learned
+        head.weight.copy_(torch.randn(way, encoder.dim) * encoder.dim**-0.5)
+        head.bias.zero_()
+    net = EncoderClassifier(encoder.model, head).to(device)
+    ref = ReferenceMAML(net, encoder.tokenizer, encoder.max_length, cfg.algo.inner_steps,
+                        cfg.algo.inner_lr, typed.train.lr, typed.train.grad_clip)  # fmt: skip
+    texts = encoder.texts
+    episodes = [
+        ((([texts[i] for i in ep.support.ids], ep.support.labels)),
+         ([texts[i] for i in ep.query.ids], ep.query.labels))
+        for ep in draw(data, typed, batch * (warmup + steps))
+    ]  # fmt: skip
+    batches = [episodes[i : i + batch] for i in range(0, len(episodes), batch)]
+    net.train()
+    timing = timed_steps(ref.step, batches, warmup, device)
+    flops = counted_flops(ref.step, batches[warmup:])
+    return {**timing, "flops": flops, "episodes": steps * batch,
+            "params": parameter_count(encoder), "device": str(device)}  # fmt: skip
+
+
+def matmul_peak_cell(device_name: str, precision: str, n: int, repeats: int) -> dict[str, Any]:
+    """The machine's measured matmul rate (FLOP/s): the denominator of MFU."""
+    device = torch.device(device_name)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first is a warm-up
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return {"flops_per_second": 2 * n**3 / best, "n": n, "dtype": str(dtype),
+            "threads": torch.get_num_threads()}  # fmt: skip
+
+
+def eval_cell(overrides: list[str], episodes: int, uncached: int) -> dict[str, Any]:
+    """A frozen encoder's evaluation over `episodes` fixed test episodes against one encoding
+    pass over their distinct texts (length-sorted batches, the fastest plain pass)."""
+    typed, cfg, device, autocast, data, encoder = build(overrides)
+    algo = build_algorithm(cfg.algo, encoder, typed.task.way).to(device)
+    algo.prepare(data)
+    task = typed.task
+    test = fixed_episodes(data.splits["test"], task.way, task.shots, task.queries, episodes,
+                          task.eval_seed, "test")  # fmt: skip
+    ids = torch.unique(torch.cat([ep.text_ids() for ep in test]))
+    ids = ids[torch.argsort(encoder.lengths[ids.to(encoder.lengths.device)].cpu())]
+    with torch.no_grad(), autocast():
+        encoder(ids[:8])  # warm-up of kernels and allocator
+        sync(device)
+        start = time.perf_counter()
+        for chunk in ids.split(256):
+            encoder(chunk)
+        sync(device)
+    one_pass = time.perf_counter() - start
+    start = time.perf_counter()
+    result = evaluate(algo, test, autocast)
+    sync(device)
+    seconds = time.perf_counter() - start
+    out = {"episodes": episodes, "distinct_texts": len(ids), "one_pass_seconds": one_pass,
+           "eval_seconds": seconds, "acc": result.acc, "device": str(device)}  # fmt: skip
+    if uncached:
+        with uncached_eval(algo):
+            start = time.perf_counter()
+            evaluate(algo, test[:uncached], autocast)
+            sync(device)
+        out |= {"uncached_episodes": uncached, "uncached_seconds": time.perf_counter() - start}
+    return out
+
+
+@contextlib.contextmanager
+def uncached_eval(algo) -> Iterator[None]:
+    """Evaluation that encodes every episode's texts anew: what the cache saves."""
+    before = algo.feature_cache
+    algo.feature_cache = False
+    try:
+        yield
+    finally:
+        algo.feature_cache = before
+
+
+CELLS = {"train": train_cell, "reference": reference_cell, "matmul_peak": matmul_peak_cell,
+         "eval": eval_cell}  # fmt: skip

@@ -1,0 +1,178 @@
+"""Markdown for docs/BENCHMARKS.md from scripts/bench.py's results, and the block rewriter that
+scripts/bench.py and scripts/report.py share (generated numbers between markers, prose kept)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+REFERENCE = "maml (higher reference)"
+
+
+def replace_block(path: Path, name: str, body: str) -> None:
+    """Rewrite what lies between `<!-- name:begin -->` and `<!-- name:end -->` in `path`,
+    appending the block (and creating the file) when it is not there yet."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    text = path.read_text() if path.is_file() else ""
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    else:
+        text = f"{text.rstrip()}\n\n{block}\n" if text.strip() else f"{block}\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def rate(cell: dict[str, Any]) -> float | None:
+    """Episodes per second of a training cell (None when it failed)."""
+    if not cell or "error" in cell or not cell.get("seconds"):
+        return None
+    return cell["episodes"] / cell["seconds"]
+
+
+def mfu(cell: dict[str, Any], peak: float | None) -> float | None:
+    if not cell or "error" in cell or not peak or not cell.get("seconds"):
+        return None
+    return cell["flops"] / cell["seconds"] / peak
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def fmt(value: float | None, spec: str = ".2f", suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:{spec}}{suffix}"
+
+
+def verdict(value: float | None, target: float, higher_is_better: bool) -> str:
+    if value is None:
+        return "not measured"
+    met = value >= target if higher_is_better else value <= target
+    return "met" if met else "**missed**"
+
+
+def targets(payload: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(target, where, measured, verdict) for every target of the benchmark issue."""
+    res = payload["results"]
+    train, ref, ev = res["train"], res["reference"], res["eval"]
+    peak = res.get("matmul_peak", {}).get("flops_per_second")
+    rows = []
+    for backbone, cell in ref.items():
+        ours = train.get(f"{backbone}/maml", {})
+        speed = ratio(rate(ours), rate(cell))
+        rows.append(("MAML speed >= 1.5x the higher reference", backbone,
+                     fmt(speed, ".2f", "x"), verdict(speed, 1.5, True)))  # fmt: skip
+        if "error" not in ours and "error" not in cell:
+            mem = ratio(ours.get("peak_mb"), cell.get("peak_mb"))
+            grow = ratio(ours["peak_mb"] - ours["idle_mb"], cell["peak_mb"] - cell["idle_mb"])
+            measured = f"{fmt(mem, '.2f', 'x')} of peak ({fmt(grow, '.2f', 'x')} of growth)"
+        else:
+            mem, measured = None, "n/a"
+        rows.append(("MAML peak memory <= 0.7x the reference", backbone, measured,
+                     verdict(mem, 0.7, False)))  # fmt: skip
+    for key, cell in train.items():
+        backbone, label = key.split("/", 1)
+        if label == "anil":
+            anil = ratio(rate(cell), rate(train.get(f"{backbone}/maml", {})))
+            rows.append(("ANIL >= 4x MAML episodes/s", backbone, fmt(anil, ".1f", "x"),
+                         verdict(anil, 4.0, True)))  # fmt: skip
+        if label == "protonet":
+            util = mfu(cell, peak)
+            rows.append(("ProtoNet meta-training MFU >= 50%", backbone,
+                         fmt(None if util is None else 100 * util, ".0f", "%"),
+                         verdict(util, 0.5, True)))  # fmt: skip
+        if label == "maml-lora" and backbone == "bert-base-random":
+            mem = None if "error" in cell else cell["peak_mb"] / 1024
+            rows.append(("LoRA second-order MAML peak memory < 8 GB", backbone,
+                         fmt(mem, ".2f", " GB"), verdict(mem, 8.0, False)))  # fmt: skip
+    for key, cell in ev.items():
+        backbone, label = key.split("/", 1)
+        if label == "protonet" and "error" not in cell:
+            cost = cell["eval_seconds"] / cell["one_pass_seconds"]
+            rows.append((f"{cell['episodes']}-episode frozen evaluation <= 1.2x one encoding pass",
+                         backbone, fmt(cost, ".2f", "x"), verdict(cost, 1.2, False)))  # fmt: skip
+    return rows
+
+
+def training_table(payload: dict[str, Any]) -> list[str]:
+    res = payload["results"]
+    peak = res.get("matmul_peak", {}).get("flops_per_second")
+    cells = dict(res["train"])
+    cells |= {f"{b}/{REFERENCE}": c for b, c in res["reference"].items()}
+    backbones = list(dict.fromkeys(k.split("/", 1)[0] for k in cells))
+    labels = list(dict.fromkeys(k.split("/", 1)[1] for k in cells))
+    head = "| algorithm | " + " | ".join(f"{b}: episodes/s | peak MB (growth) | MFU"
+                                          for b in backbones) + " |"  # fmt: skip
+    lines = [head, "|---|" + "---:|---:|---:|" * len(backbones)]
+    for label in labels:
+        row = [label]
+        for backbone in backbones:
+            cell = cells.get(f"{backbone}/{label}", {})
+            if "error" in cell:
+                row += ["failed", cell["error"][:60].replace("|", "/"), ""]
+                continue
+            grow = cell["peak_mb"] - cell["idle_mb"] if cell else None
+            util = mfu(cell, peak)
+            row += [fmt(rate(cell), ".3g"),
+                    f"{fmt(cell.get('peak_mb'), '.0f')} ({fmt(grow, '.0f')})",
+                    fmt(None if util is None else 100 * util, ".1f", "%")]  # fmt: skip
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def eval_table(payload: dict[str, Any]) -> list[str]:
+    lines = ["| backbone / algorithm | episodes | distinct texts | one encoding pass (s) | "
+             "evaluation (s) | ratio | uncached (s per episode) | accuracy |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for key, cell in payload["results"]["eval"].items():
+        if "error" in cell:
+            lines.append(f"| {key} | failed: {cell['error'][:80]} |")
+            continue
+        per_ep = None
+        if cell.get("uncached_episodes"):
+            per_ep = cell["uncached_seconds"] / cell["uncached_episodes"]
+        lines.append(
+            f"| {key} | {cell['episodes']} | {cell['distinct_texts']} | "
+            f"{cell['one_pass_seconds']:.2f} | {cell['eval_seconds']:.2f} | "
+            f"{cell['eval_seconds'] / cell['one_pass_seconds']:.2f}x | {fmt(per_ep, '.3f')} | "
+            f"{100 * cell['acc']:.2f}% |"
+        )
+    return lines
+
+
+def steps_text(steps: dict[str, int] | int) -> str:
+    if isinstance(steps, int):
+        return str(steps)
+    rest = [f"{n} on {b}" for b, n in steps.items() if b != "*"]
+    return ", ".join([f"{steps['*']}", *rest]) if rest else str(steps["*"])
+
+
+def render(payload: dict[str, Any]) -> str:
+    m, res = payload["machine"], payload["results"]
+    peak = res.get("matmul_peak", {})
+    lines = [
+        f"Measured on {m['cpu']} ({m['cores']} cores, {m['threads']} torch threads)"
+        + (f", {m['gpu']}" if m.get("gpu") else "")
+        + f"; device {m['device']}, precision {m['precision']}; torch {m['torch']}, "
+        f"Python {m['python']}. Command: `{payload['command']}` ({payload['warmup']} warm-up "
+        f"step, then measured outer steps of 2 episodes per cell: {steps_text(payload['steps'])}; "
+        f"{payload['wall_seconds'] / 60:.0f} minutes in all).",
+        "",
+        f"Measured matmul peak: {fmt(peak.get('flops_per_second', 0) / 1e9, '.1f')} GFLOP/s "
+        f"({peak.get('dtype')}, {peak.get('n')}x{peak.get('n')}, best of 5).",
+        "",
+        "| target | backbone | measured | verdict |",
+        "|---|---|---|---|",
+        *[f"| {t} | {b} | {v} | {ok} |" for t, b, v, ok in targets(payload)],
+        "",
+        "Meta-training, 5-way 5-shot, 5 queries per class, 5 inner steps:",
+        "",
+        *training_table(payload),
+        "",
+        "Evaluation of a frozen encoder:",
+        "",
+        *eval_table(payload),
+    ]
+    return "\n".join(lines)
