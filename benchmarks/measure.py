@@ -194,7 +194,7 @@ def matmul_peak_cell(device_name: str, precision: str, n: int, repeats: int) -> 
         a @ b
         sync(device)
         best = min(best, time.perf_counter() - start)
-    return {"flops_per_second": 2 * n**3 / best, "n": n, "dtype": str(dtype),
+    return {"flops_per_second": 2 * n**3 / best, "n": n, "dtype": str(dtype), "repeats": repeats,
             "threads": torch.get_num_threads()}  # fmt: skip
 
 

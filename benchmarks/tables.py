@@ -161,7 +161,7 @@ def render(payload: dict[str, Any]) -> str:
         f"{payload['wall_seconds'] / 60:.0f} minutes in all).",
         "",
         f"Measured matmul peak: {fmt(peak.get('flops_per_second', 0) / 1e9, '.1f')} GFLOP/s "
-        f"({peak.get('dtype')}, {peak.get('n')}x{peak.get('n')}, best of 5).",
+        f"({peak.get('dtype')}, {peak.get('n')}x{peak.get('n')}, best of {peak.get('repeats')}).",
         "",
         "| target | backbone | measured | verdict |",
         "|---|---|---|---|",

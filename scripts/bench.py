@@ -73,7 +73,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {"train": {}, "reference": {}, "eval": {}}
     peak_n = 4096 if args.device == "cuda" else 2048
     results["matmul_peak"] = run_cell("matmul_peak", {"device_name": args.device,
-        "precision": args.precision, "n": peak_n, "repeats": 5}, args.threads)  # fmt: skip
+        "precision": args.precision, "n": peak_n, "repeats": 30}, args.threads)  # fmt: skip
     log(f"matmul peak: {results['matmul_peak']}")
     for backbone in args.backbones:
         base = [*common, f"backbone={backbone}"]
