@@ -10,6 +10,7 @@ steps; on CUDA the allocator's peak is.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -50,8 +51,20 @@ def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    else:  # Linux: "5" resets this process's peak resident set size (VmHWM)
+    else:
+        release_free_heap()
+        # Linux: "5" resets this process's peak resident set size (VmHWM)
         Path("/proc/self/clear_refs").write_text("5")
+
+
+def release_free_heap() -> None:
+    """Hand memory that the warm-up steps freed back to the kernel (glibc keeps freed heap
+    resident), so that the next peak is the measured steps' own and not the warm-up's."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc: nothing retained to release this way
+        return
+    libc.malloc_trim(0)
 
 
 def peak_mb(device: torch.device) -> float:
@@ -76,6 +89,8 @@ def timed_steps(
     step: Callable[[Any], Any], batches: list, warmup: int, device: torch.device
 ) -> dict[str, float]:
     """Run `warmup` untimed steps, then time the rest; memory is the peak of the timed ones."""
+    if device.type == "cpu":
+        release_free_heap()  # idle and peak measured alike, without retained free heap
     idle = in_use_mb(device)
     for batch in batches[:warmup]:
         step(batch)

@@ -103,15 +103,22 @@ class Encoder(nn.Module):
     def length_groups(self, ids: torch.Tensor) -> list[torch.Tensor]:
         """Positions of `ids` in groups of similar length, so that little of each forward is
         padding (about 40% of an ICD-10 episode's tokens otherwise). Groups keep at least 8
-        texts; `length_buckets` 0 means 2 groups on CPU (more make matmuls too small to pay off,
-        measured with scripts/bench.py) and 1 on GPU, where a small batch costs kernel launches
-        rather than FLOPs."""
-        buckets = self.length_buckets or (1 if self.tokens.device.type == "cuda" else 2)
+        texts; `length_buckets` 0 picks what scripts/bench.py measured as fastest."""
+        buckets = self.length_buckets or self.auto_buckets()
         groups = min(buckets, len(ids) // 8)
         if groups <= 1:
             return [torch.arange(len(ids), device=ids.device)]
         order = torch.argsort(self.lengths[ids.to(self.lengths.device)], stable=True)
         return list(order.to(ids.device).tensor_split(groups))
+
+    def auto_buckets(self) -> int:
+        """2 groups on CPU for models of hidden size >= 256 (MiniLM's MAML runs 1.2x faster;
+        3 groups make matmuls too small to pay off); 1 on GPU, where a small batch costs kernel
+        launches rather than FLOPs, and for narrower models, which spend their time in
+        per-operator overhead that groups would double (the 32-wide tiny BERT: 1.4x slower)."""
+        if self.tokens.device.type == "cuda" or self.dim < 256:
+            return 1
+        return 2
 
     def forward(
         self,

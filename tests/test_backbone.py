@@ -137,6 +137,20 @@ def test_length_groups_give_the_same_embeddings_in_the_callers_order(tiny_encode
     assert len(tiny_encoder.length_groups(ids[:10])) == 1  # groups keep at least 8 texts
 
 
+def test_automatic_length_groups_only_for_models_wide_enough_to_gain(tiny_encoder):
+    """Grouping pays on CPU for wide models (fewer padded FLOPs); a narrow model is overhead-
+    bound and a GPU is launch-bound, so there the automatic choice is one group."""
+    tiny_encoder.set_texts(_mixed_lengths(24))
+    tiny_encoder.length_buckets = 0
+    ids = torch.arange(24)
+    assert tiny_encoder.dim < 256 and len(tiny_encoder.length_groups(ids)) == 1
+    tiny_encoder.model.config.hidden_size = 384  # only the width decides
+    try:
+        assert len(tiny_encoder.length_groups(ids)) == 2
+    finally:
+        tiny_encoder.model.config.hidden_size = 32
+
+
 def test_episode_vocabulary_table_gives_the_full_tables_embeddings(tiny_encoder):
     """An embedding table cut to an episode's tokens (`vocab`) encodes those texts exactly as
     the whole table does; the padding row keeps its index."""
