@@ -1,10 +1,10 @@
 """One benchmark measurement ("cell"), run in a fresh process by scripts/bench.py.
 
 Each cell builds what `metarun` would build from the same config overrides (compose, backbone,
-algorithm, the real `Trainer.step`), draws its episodes once, times the steps, then replays the
-very same episodes under `FlopCounterMode` to count their FLOPs. A fresh process per cell keeps
-peak memory honest: on CPU the kernel's high-water mark (VmHWM) is reset before the measured
-steps; on CUDA the allocator's peak is.
+algorithm, the real `Trainer.step`), draws its episodes once, times the steps warm, then replays
+the very same episodes under `FlopCounterMode` for their FLOPs and peak memory. A fresh process
+per cell keeps peak memory honest: on CPU the kernel's high-water mark (VmHWM) is reset before
+the replay, after glibc has handed back the free heap it kept; on CUDA the allocator's peak is.
 """
 
 from __future__ import annotations
@@ -88,27 +88,30 @@ def sync(device: torch.device) -> None:
 def timed_steps(
     step: Callable[[Any], Any], batches: list, warmup: int, device: torch.device
 ) -> dict[str, float]:
-    """Run `warmup` untimed steps, then time the rest; memory is the peak of the timed ones."""
+    """Run `warmup` untimed steps, then time the rest (warm: nothing released in between)."""
     if device.type == "cpu":
-        release_free_heap()  # idle and peak measured alike, without retained free heap
+        release_free_heap()  # idle measured without what loading left freed but resident
     idle = in_use_mb(device)
     for batch in batches[:warmup]:
         step(batch)
-    reset_peak(device)
     sync(device)
     start = time.perf_counter()
     for batch in batches[warmup:]:
         step(batch)
     sync(device)
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_mb": peak_mb(device), "idle_mb": idle}
+    return {"seconds": time.perf_counter() - start, "idle_mb": idle}
 
 
-def counted_flops(step: Callable[[Any], Any], batches: list) -> float:
+def replayed(step: Callable[[Any], Any], batches: list, device: torch.device) -> dict[str, float]:
+    """The measured steps once more, from a reset peak, under the FLOP counter: their peak
+    memory (not the warm-up's, which the timed run still holds as free heap) and their FLOPs.
+    Resetting just before the timed steps instead would make them pay page faults anew."""
+    reset_peak(device)
     with FlopCounterMode(display=False) as counter:
         for batch in batches:
             step(batch)
-    return float(counter.get_total_flops())
+    sync(device)
+    return {"peak_mb": peak_mb(device), "flops": float(counter.get_total_flops())}
 
 
 # ---------------------------------------------------------------- building blocks
@@ -165,9 +168,9 @@ def train_cell(overrides: list[str], warmup: int, steps: int) -> dict[str, Any]:
                       autocast, progress=False)  # fmt: skip
     algo.train()
     timing = timed_steps(trainer.step, list(range(warmup + steps)), warmup, device)
-    replay.next = warmup * batch  # the measured episodes again, under the FLOP counter
-    flops = counted_flops(trainer.step, list(range(steps)))
-    return {**timing, "flops": flops, "episodes": steps * batch,
+    replay.next = warmup * batch  # the measured episodes again
+    return {**timing, **replayed(trainer.step, list(range(steps)), device),
+            "episodes": steps * batch,
             "params": parameter_count(encoder), "device": str(device)}  # fmt: skip
 
 
@@ -191,8 +194,8 @@ def reference_cell(overrides: list[str], warmup: int, steps: int) -> dict[str, A
     batches = [episodes[i : i + batch] for i in range(0, len(episodes), batch)]
     net.train()
     timing = timed_steps(ref.step, batches, warmup, device)
-    flops = counted_flops(ref.step, batches[warmup:])
-    return {**timing, "flops": flops, "episodes": steps * batch,
+    return {**timing, **replayed(ref.step, batches[warmup:], device),
+            "episodes": steps * batch,
             "params": parameter_count(encoder), "device": str(device)}  # fmt: skip
 
 
