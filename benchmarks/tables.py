@@ -78,7 +78,7 @@ def targets(payload: dict[str, Any]) -> list[tuple[str, str, str, str]]:
             anil = ratio(rate(cell), rate(train.get(f"{backbone}/maml", {})))
             rows.append(("ANIL >= 4x MAML episodes/s", backbone, fmt(anil, ".1f", "x"),
                          verdict(anil, 4.0, True)))  # fmt: skip
-        if label == "protonet":
+        if label == "protonet" and backbone == "minilm":  # the target names MiniLM
             util = mfu(cell, peak)
             rows.append(("ProtoNet meta-training MFU >= 50%", backbone,
                          fmt(None if util is None else 100 * util, ".0f", "%"),
