@@ -59,8 +59,8 @@ def reset_peak(device: torch.device) -> None:
 
 
 def release_free_heap() -> None:
-    """Hand memory that the warm-up steps freed back to the kernel (glibc keeps freed heap
-    resident), so that the next peak is the measured steps' own and not the warm-up's."""
+    """Hand memory that earlier work freed back to the kernel (glibc keeps freed heap
+    resident), so that resident size and the next peak are the coming steps' own."""
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:  # not glibc: nothing retained to release this way
