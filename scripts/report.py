@@ -3,10 +3,12 @@
     python scripts/report.py outputs/multirun/protaugment [more folders] --out docs/RESULTS.md
 
 Every completed run (a folder with summary.json and config.yaml) below the given folders counts.
-Runs group by task, shots, backbone and method (the algorithm; a run with train.steps=0 is its
-frozen-encoder baseline); the table gives the mean test accuracy over class splits, the mean of
-the splits' 95% intervals, the spread between splits and the wall time. Only the block between
-the `report:results` markers is rewritten.
+Runs group by task, shots, backbone and method (the algorithm and its number of meta-training
+steps; train.steps=0 is the algorithm on the encoder as loaded, the frozen-encoder baseline).
+The table gives the mean test accuracy over class splits, the mean of the splits' 95% intervals,
+the spread between splits and the wall time. With --out only the block between the
+`report:results` markers of that file is rewritten; without it the table is only printed, so
+aggregating one's own runs never overwrites the repository's docs/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class Group:
 def method(summary: dict[str, Any], config: dict[str, Any]) -> str:
     steps = config["train"]["steps"]
     algo = summary.get("algo", config["algo"]["_target_"].rsplit(".", 1)[-1])
-    return f"{algo}, frozen encoder" if steps == 0 else f"{algo}, {steps} steps"
+    return f"{algo}, no meta-training" if steps == 0 else f"{algo}, {steps} steps"
 
 
 def collect(folders: list[Path]) -> dict[tuple, Group]:
@@ -102,7 +104,7 @@ def render(groups: dict[tuple, Group]) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("folders", nargs="+", type=Path, help="multirun or run folders")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "RESULTS.md")
+    p.add_argument("--out", type=Path, help="markdown file whose report:results block to rewrite")
     args = p.parse_args(argv)
     missing = [str(f) for f in args.folders if not f.is_dir()]
     if missing:
@@ -111,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     if not groups:
         p.error(f"no completed run (summary.json + config.yaml) under {args.folders}")
     table = render(groups)
-    replace_block(args.out, "report:results", table)
+    if args.out is not None:
+        replace_block(args.out, "report:results", table)
     print(table)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from scripts import report
 from scripts.report import collect, main
 
 
@@ -32,7 +33,7 @@ def test_report_averages_over_splits_and_sets_published_numbers_beside(tmp_path)
     groups = collect([sweep])
     trained = groups[("banking77", 1, "minilm", "protonet, 60 steps")]
     assert trained.accs == pytest.approx({"01": 80.0, "02": 84.0, "03": 86.0})
-    frozen = groups[("banking77", 1, "minilm", "protonet, frozen encoder")]
+    frozen = groups[("banking77", 1, "minilm", "protonet, no meta-training")]
     assert list(frozen.accs) == ["01"]
 
     out = tmp_path / "RESULTS.md"
@@ -50,3 +51,13 @@ def test_report_refuses_two_runs_of_one_split(tmp_path):
     fake_run(tmp_path / "b", "0", "01", 0.9, steps=60)
     with pytest.raises(SystemExit, match="split 01"):
         collect([tmp_path / "a", tmp_path / "b"])
+
+
+def test_report_without_out_only_prints(tmp_path, capsys):
+    """Aggregating one's own runs must not overwrite the repository's docs/RESULTS.md."""
+    fake_run(tmp_path, "0", "01", 0.8, steps=60)
+    results = Path(report.__file__).resolve().parents[1] / "docs" / "RESULTS.md"
+    before = results.read_text()
+    main([str(tmp_path)])
+    assert "protonet, 60 steps" in capsys.readouterr().out
+    assert results.read_text() == before
