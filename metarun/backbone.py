@@ -20,6 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from metarun.config import BackboneConfig
 from metarun.errors import MetarunError
+from metarun.packing import Packed, first_position, pack
 
 log = logging.getLogger(__name__)
 POOLINGS = ("mean", "cls")
@@ -38,6 +39,7 @@ class Encoder(nn.Module):
         causal_lm: bool = False,
         name: str = "",
         length_buckets: int = 0,
+        packing: bool = True,
     ) -> None:
         super().__init__()
         if length_buckets < 0:
@@ -52,6 +54,8 @@ class Encoder(nn.Module):
         self.tokenizer = tokenizer
         self.pooling = pooling
         self.max_length = max_length
+        # Where each packed text's position ids start; None: this model forwards padded batches.
+        self.pack_start = None if causal_lm or not packing else first_position(model)
         self.register_buffer("tokens", torch.zeros(0, 1, dtype=torch.long), persistent=False)
         self.register_buffer("lengths", torch.zeros(0, dtype=torch.long), persistent=False)
         self._cache: torch.Tensor | None = None
@@ -91,6 +95,18 @@ class Encoder(nn.Module):
             input_ids = torch.searchsorted(vocab, input_ids)
         mask = torch.arange(width, device=ids.device)[None, :] < lengths[:, None]
         return {"input_ids": input_ids, "attention_mask": mask.long()}
+
+    def packed(self, ids: torch.Tensor, vocab: torch.Tensor | None = None) -> Packed:
+        """Texts `ids` packed into rows without padding (see metarun/packing.py)."""
+        ids = ids.to(self.tokens.device)
+        lengths = self.lengths[ids]
+        eager = self.model.config._attn_implementation == "eager"
+        dtype = next(self.model.parameters()).dtype if eager else None
+        pad = self.tokenizer.pad_token_id or 0
+        packed = pack(self.tokens[ids, : int(lengths.max())], lengths, pad, self.pack_start, dtype)
+        if vocab is not None:
+            packed.inputs["input_ids"] = torch.searchsorted(vocab, packed.inputs["input_ids"])
+        return packed
 
     def local_vocab(self, ids: torch.Tensor) -> torch.Tensor:
         """The sorted distinct token ids of texts `ids`, plus 0..padding_idx so that the
@@ -133,6 +149,9 @@ class Encoder(nn.Module):
             if bool((rows < 0).any()):
                 raise RuntimeError("text id outside the evaluation cache")
             return self._cache[rows]
+        if self.pack_start is not None:
+            packed = self.packed(ids, vocab)
+            return packed.pool(self.hidden(packed.inputs, params), self.pooling)
         groups = self.length_groups(ids)
         if len(groups) == 1:
             return self.embed(self.batch(ids, vocab), params)
@@ -148,11 +167,14 @@ class Encoder(nn.Module):
                   "attention_mask": enc["attention_mask"].to(device)}  # fmt: skip
         return self.embed(inputs, params)
 
-    def embed(self, inputs: dict[str, torch.Tensor], params: dict | None) -> torch.Tensor:
+    def hidden(self, inputs: dict[str, torch.Tensor], params: dict | None) -> torch.Tensor:
         if self.checkpointing and torch.is_grad_enabled():
-            hidden = checkpoint(self._hidden_math, inputs, params, use_reentrant=False)
-        else:
-            hidden = self._hidden(inputs, params)
+            return checkpoint(self._hidden_math, inputs, params, use_reentrant=False)
+        return self._hidden(inputs, params)
+
+    def embed(self, inputs: dict[str, torch.Tensor], params: dict | None) -> torch.Tensor:
+        """Pooled embeddings of a padded batch (`attention_mask` 2D)."""
+        hidden = self.hidden(inputs, params)
         if self.pooling == "cls":
             return hidden[:, 0]
         mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -252,4 +274,4 @@ def load_backbone(cfg: BackboneConfig) -> Encoder:
     set_trainable(model, cfg.trainable, cfg.top_k)
     name = f"random {model.config.model_type}" if cfg.random_init else Path(cfg.path).name
     return Encoder(model, tokenizer, cfg.pooling, cfg.max_length, cfg.gradient_checkpointing,
-                   cfg.causal_lm, name, cfg.length_buckets)  # fmt: skip
+                   cfg.causal_lm, name, cfg.length_buckets, cfg.packing)  # fmt: skip

@@ -28,7 +28,8 @@ class BackboneConfig:
     trainable: str = "all"  # all | none | top_k
     top_k: int = 2  # with trainable=top_k: the last k layers (and the pooler) train
     gradient_checkpointing: bool = False
-    length_buckets: int = 0  # texts forward in N groups of similar length; 0: auto
+    packing: bool = True  # texts share rows without padding, where the architecture allows
+    length_buckets: int = 0  # unpacked: texts forward in N groups of similar length; 0: auto
     causal_lm: bool = False  # a decoder with its LM head (in-context learning), not an encoder
 
 

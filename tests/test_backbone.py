@@ -117,6 +117,7 @@ def test_length_groups_give_the_same_embeddings_in_the_callers_order(tiny_encode
     order, gradients included."""
     tiny_encoder.set_texts(_mixed_lengths(24))
     tiny_encoder.eval()
+    tiny_encoder.pack_start = None  # groups are for models that cannot be packed
     ids = torch.randperm(24)
     tiny_encoder.length_buckets = 1
     whole = tiny_encoder(ids)
