@@ -121,6 +121,9 @@ class MAMLConfig(InnerLoopFields):
     _target_: str = "metarun.algo.maml.MAML"
     first_order: bool = False  # FOMAML: treat inner-loop gradients as constants
     learn_inner_lr: bool = False  # MAML++: learn a rate per adapted tensor and per step
+    # Second order: rebuild each inner step's graph in the outer backward instead of keeping it
+    # (the memory of one step instead of inner_steps, for one more forward and backward a step)
+    checkpoint_inner_steps: bool = False
     reuse_features: bool = True  # head-only: encode each task once, not once per inner step
     backend: str = "func"  # func (torch.func) | higher (the `higher` package, a cross-check)
 

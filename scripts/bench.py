@@ -33,6 +33,7 @@ from benchmarks.tables import REFERENCE, render, replace_block  # noqa: E402
 ALGOS: dict[str, list[str]] = {
     "protonet": ["algo=protonet"],
     "maml": ["algo=maml", "algo.head_init=learned"],
+    "maml-ckpt": ["algo=maml", "algo.head_init=learned", "algo.checkpoint_inner_steps=true"],
     "fomaml": ["algo=fomaml"],
     "anil": ["algo=anil"],
     "reptile": ["algo=reptile"],

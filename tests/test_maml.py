@@ -9,9 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from torch.profiler import ProfilerActivity, profile
 
 from metarun.algo import build_algorithm
 from metarun.backbone import load_backbone
+from metarun.errors import MetarunError
 from metarun.evaluate import evaluate
 from metarun.task import EpisodeSampler, fixed_episodes
 
@@ -268,3 +270,56 @@ def test_inner_gradient_treats_the_prototype_head_as_its_own_variable(make, epis
             continue
         expected = value.detach() - 0.1 * grads[name]
         assert torch.allclose(adapted.params[name].detach(), expected, atol=1e-10), name
+
+
+CHECKPOINTED = {
+    "all": ["algo.head_init=learned"],
+    "top_k": ["algo.adapt=top_k", "algo.top_k=1"],  # lower layers train but do not adapt
+    "lora": ["algo.adapt=lora"],
+    "adam-learned-lr": ["algo.inner_optimizer=adam", "algo.learn_inner_lr=true"],
+}
+
+
+@pytest.mark.parametrize("case", CHECKPOINTED)
+def test_checkpointed_inner_steps_keep_the_second_order_meta_gradient(make, episodes, case):
+    """Rebuilding each inner step's graph in the outer backward changes no meta-gradient."""
+    overrides = ["algo=maml", "algo.inner_steps=3", "algo.inner_lr=0.3", *CHECKPOINTED[case]]
+    plain = make(*overrides, dtype=torch.float64)
+    ckpt = make(*overrides, "algo.checkpoint_inner_steps=true", dtype=torch.float64)
+    grads = meta_grads(plain, episodes)
+    assert any(n.startswith("encoder.model.") for n in grads)
+    assert_same(grads, meta_grads(ckpt, episodes), atol=1e-10)
+
+
+def test_checkpointed_inner_steps_replay_dropout_and_keep_less(compose_cfg, synthetic_task):
+    """With dropout on, the replayed step draws the same masks (equal meta-gradients); what
+    autograd holds then grows with the inner steps by the adapted weights alone, not by every
+    step's activations."""
+    eps = fixed_episodes(synthetic_task.splits["train"], 3, 8, 4, 1, 0, "train")
+
+    def run(checkpoint: bool, steps: int) -> tuple[dict, int]:
+        cfg = compose_cfg("backbone=tiny", "algo=maml", f"algo.inner_steps={steps}")
+        torch.manual_seed(0)
+        encoder = load_backbone(OmegaConf.to_object(cfg).backbone)
+        encoder.set_texts(synthetic_task.texts)
+        cfg.algo.checkpoint_inner_steps = checkpoint
+        algo = build_algorithm(cfg.algo, encoder, 3).train()
+        torch.manual_seed(1)  # the same dropout draws in both runs
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            loss, _ = algo.meta_loss(eps[:1])
+        held = sum(e.self_cpu_memory_usage for e in prof.events())  # allocated, not yet freed
+        loss.backward()
+        grads = {n: p.grad for n, p in algo.named_parameters() if p.grad is not None}
+        return grads, held
+
+    plain, plain_bytes = run(False, 6)
+    ckpt, ckpt_bytes = run(True, 6)
+    assert_same(plain, ckpt, atol=1e-6)
+    plain_growth = plain_bytes - run(False, 2)[1]
+    ckpt_growth = ckpt_bytes - run(True, 2)[1]
+    assert ckpt_growth < 0.3 * plain_growth
+
+
+def test_checkpointed_inner_steps_need_second_order(make):
+    with pytest.raises(MetarunError, match="checkpoint_inner_steps"):
+        make("algo=fomaml", "algo.checkpoint_inner_steps=true")

@@ -18,6 +18,7 @@ from torch import nn
 from metarun.algo.adapted import adapted_names, inject_lora, untied_input_embedding
 from metarun.algo.base import upcast
 from metarun.algo.protonet import prototypes
+from metarun.algo.recompute import checkpointed_step
 from metarun.backbone import Encoder
 from metarun.errors import MetarunError
 from metarun.task import Examples
@@ -113,13 +114,15 @@ class InnerLoop(nn.Module):
 
     def run(
         self, encoder: Encoder, support: Examples, way: int, steps: int, track: bool,
-        create_graph: bool, recompute: bool = False,
+        create_graph: bool, recompute: bool = False, checkpoint: bool = False,
     ) -> Adapted:  # fmt: skip
         """Adapt on `support`; returns the adapted weights and a query predictor.
 
         `recompute` re-encodes the support set at every step even when only the head adapts:
-        the plain MAML path, against which ANIL's encode-once shortcut is tested.
+        the plain MAML path, against which ANIL's encode-once shortcut is tested. `checkpoint`
+        (second order, encoder weights adapted) keeps no graph per step: see algo/recompute.py.
         """
+        checkpoint = checkpoint and track and create_graph and bool(self.names)
         with torch.enable_grad():
             vocab = encoder.local_vocab(support.ids) if self.table else None
             params, table = self.start(encoder, track, vocab)
@@ -134,9 +137,14 @@ class InnerLoop(nn.Module):
             if not track:
                 weight, bias = weight.detach().requires_grad_(), bias.detach().requires_grad_()
             params |= dict(zip(HEAD, (weight, bias), strict=True))
-            state: dict[str, dict[str, torch.Tensor]] = {}
+            state: dict[str, torch.Tensor] = {}
             loss = torch.tensor(float("nan"))
             for step in range(steps):
+                if checkpoint:
+                    params, state, loss = self.checkpointed(
+                        encoder, support, labels, vocab, params, state, step
+                    )
+                    continue
                 reuse = not self.names and not recompute
                 feats = feats0 if reuse else self.features(encoder, support, params, vocab)
                 loss = F.cross_entropy(self.logits(feats, params), labels)
@@ -150,6 +158,31 @@ class InnerLoop(nn.Module):
             return self.logits(self.features(encoder, query, params), params)
 
         return Adapted(params, float(loss.detach()), predict)
+
+    def checkpointed(
+        self, encoder: Encoder, support: Examples, labels: torch.Tensor,
+        vocab: torch.Tensor | None, params: dict, state: dict, step: int,
+    ) -> tuple[dict, dict, torch.Tensor]:  # fmt: skip
+        """One second-order step through `checkpointed_step`. Its inputs are everything the
+        step reads that may need a gradient: the adapted tensors, the inner Adam state, the
+        encoder weights that train but do not adapt, and learned inner rates."""
+        fixed = {f"model.{n}": p for n, p in encoder.model.named_parameters()
+                 if p.requires_grad and f"model.{n}" not in params}  # fmt: skip
+        if isinstance(self.lrs, nn.Parameter):
+            fixed["lrs"] = self.lrs
+
+        def run(inputs: dict[str, torch.Tensor], create_graph: bool):
+            adapted = {k: inputs[k] for k in params}
+            weights = adapted | {k: v for k, v in inputs.items() if k.startswith("model.")}
+            feats = self.features(encoder, support, weights, vocab)
+            loss = F.cross_entropy(self.logits(feats, adapted), labels)
+            new_state = {k: inputs[k] for k in state}
+            rates = inputs.get("lrs", self.lrs)
+            new = self.update(adapted, loss, step, True, create_graph, new_state, rates)
+            return new | new_state, loss
+
+        out, loss = checkpointed_step(run, params | state | fixed)
+        return {k: out[k] for k in params}, {k: v for k, v in out.items() if k not in params}, loss
 
     def features(
         self, encoder: Encoder, examples: Examples, params: dict, vocab: torch.Tensor | None = None
@@ -165,7 +198,7 @@ class InnerLoop(nn.Module):
 
     def update(
         self, params: dict, loss: torch.Tensor, step: int, track: bool, create_graph: bool,
-        state: dict,
+        state: dict, rates: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:  # fmt: skip
         # First order keeps the graph too: the head's prototype init depends on the initial
         # weights, and the outer backward still goes through it.
@@ -173,7 +206,8 @@ class InnerLoop(nn.Module):
             loss, list(params.values()), create_graph=create_graph, retain_graph=track,
             allow_unused=True,
         )  # fmt: skip
-        lrs = self.lrs[min(step, len(self.lrs) - 1)]  # columns follow the order of `params`
+        rates = self.lrs if rates is None else rates
+        lrs = rates[min(step, len(rates) - 1)]  # columns follow the order of `params`
         new = {}
         for i, (name, grad) in enumerate(zip(params, grads, strict=True)):
             value = params[name]
@@ -185,10 +219,11 @@ class InnerLoop(nn.Module):
 
     @staticmethod
     def adam(name: str, grad: torch.Tensor, step: int, state: dict) -> torch.Tensor:
-        """A differentiable Adam direction (bias-corrected), state kept per adapted tensor."""
-        (b1, b2), s = ADAM_BETAS, state.setdefault(name, {})
-        s["m"] = b1 * s.get("m", torch.zeros_like(grad)) + (1 - b1) * grad
-        s["v"] = b2 * s.get("v", torch.zeros_like(grad)) + (1 - b2) * grad * grad
-        m_hat = s["m"] / (1 - b1 ** (step + 1))
-        v_hat = s["v"] / (1 - b2 ** (step + 1))
+        """A differentiable Adam direction (bias-corrected); the moments of each adapted tensor
+        live in the flat `state` under "m:<name>" and "v:<name>"."""
+        (b1, b2), m, v = ADAM_BETAS, f"m:{name}", f"v:{name}"
+        state[m] = b1 * state.get(m, torch.zeros_like(grad)) + (1 - b1) * grad
+        state[v] = b2 * state.get(v, torch.zeros_like(grad)) + (1 - b2) * grad * grad
+        m_hat = state[m] / (1 - b1 ** (step + 1))
+        v_hat = state[v] / (1 - b2 ** (step + 1))
         return m_hat / ((v_hat + ADAM_EPS**2).sqrt() + ADAM_EPS)

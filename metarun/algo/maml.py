@@ -31,6 +31,7 @@ class MAML(Algorithm):
         eval_inner_steps: int, inner_lr: float, head_init: str, inner_optimizer: str,
         lora_r: int, lora_alpha: int, lora_targets: list[str], first_order: bool,
         learn_inner_lr: bool, reuse_features: bool, backend: str,
+        checkpoint_inner_steps: bool,
     ) -> None:  # fmt: skip
         super().__init__(encoder, way)
         if backend not in BACKENDS:
@@ -40,6 +41,12 @@ class MAML(Algorithm):
             head_init, inner_optimizer, (lora_r, lora_alpha, lora_targets),
         )  # fmt: skip
         self.first_order, self.backend = first_order, backend
+        if checkpoint_inner_steps and (first_order or backend != "func"):
+            raise MetarunError(
+                "algo.checkpoint_inner_steps=true needs second order through algo.backend=func "
+                "(algo.first_order=false): first order keeps no inner graph to checkpoint"
+            )
+        self.checkpoint = checkpoint_inner_steps
         self.reuse_features = reuse_features
         # Head-only adaptation reads the unadapted encoder's features: evaluation may cache them.
         self.feature_cache = not self.inner.adapts_encoder and reuse_features
@@ -66,6 +73,7 @@ class MAML(Algorithm):
                 track=training,
                 create_graph=second,
                 recompute=not self.reuse_features,
+                checkpoint=self.checkpoint,
             )
         if not second:
             return adapted.predict
