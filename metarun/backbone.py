@@ -20,12 +20,13 @@ from torch.utils.checkpoint import checkpoint
 
 from metarun.config import BackboneConfig
 from metarun.errors import MetarunError
-from metarun.packing import Packed, first_position, pack
+from metarun.packing import PACKABLE, Packed, first_position, pack
 
 log = logging.getLogger(__name__)
 POOLINGS = ("mean", "cls")
 TRAINABLE = ("all", "none", "top_k")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+PACKING = ("auto", "always", "never")  # not on/off: YAML reads those as booleans
 
 
 class Encoder(nn.Module):
@@ -39,7 +40,7 @@ class Encoder(nn.Module):
         causal_lm: bool = False,
         name: str = "",
         length_buckets: int = 0,
-        packing: bool = True,
+        packing: str = "auto",
     ) -> None:
         super().__init__()
         if length_buckets < 0:
@@ -54,8 +55,16 @@ class Encoder(nn.Module):
         self.tokenizer = tokenizer
         self.pooling = pooling
         self.max_length = max_length
-        # Where each packed text's position ids start; None: this model forwards padded batches.
-        self.pack_start = None if causal_lm or not packing else first_position(model)
+        if packing not in PACKING:
+            raise MetarunError(f"backbone.packing={packing}; use one of {', '.join(PACKING)}")
+        # Where each packed text's position ids start; None: this model cannot be packed.
+        self.pack_start = None if causal_lm else first_position(model)
+        if packing == "always" and self.pack_start is None:
+            raise MetarunError(
+                f"backbone.packing=always: {self.name} ({model.config.model_type}) cannot be "
+                f"packed (supported: {', '.join(PACKABLE)}); use backbone.packing=auto or never"
+            )
+        self.packing = packing
         self.register_buffer("tokens", torch.zeros(0, 1, dtype=torch.long), persistent=False)
         self.register_buffer("lengths", torch.zeros(0, dtype=torch.long), persistent=False)
         self._cache: torch.Tensor | None = None
@@ -127,14 +136,24 @@ class Encoder(nn.Module):
         order = torch.argsort(self.lengths[ids.to(self.lengths.device)], stable=True)
         return list(order.to(ids.device).tensor_split(groups))
 
+    def flop_bound(self) -> bool:
+        """Whether removing padding pays: on CPU for models of hidden size >= 256 (MiniLM's MAML
+        runs 1.2x faster in 2 length groups, 1.5x faster packed), not on GPU, where an
+        episode's batch costs kernel launches rather than FLOPs, nor for narrower models, which
+        spend their time in per-operator overhead (the 32-wide tiny BERT's MAML: 1.4x slower in
+        groups, 1.5x slower packed)."""
+        return self.tokens.device.type != "cuda" and self.dim >= 256
+
+    def packs(self) -> bool:
+        """Whether forwards pack texts: `backbone.packing` always, or auto where it pays."""
+        if self.pack_start is None or self.packing == "never":
+            return False
+        return self.packing == "always" or self.flop_bound()
+
     def auto_buckets(self) -> int:
-        """2 groups on CPU for models of hidden size >= 256 (MiniLM's MAML runs 1.2x faster;
-        3 groups make matmuls too small to pay off); 1 on GPU, where a small batch costs kernel
-        launches rather than FLOPs, and for narrower models, which spend their time in
-        per-operator overhead that groups would double (the 32-wide tiny BERT: 1.4x slower)."""
-        if self.tokens.device.type == "cuda" or self.dim < 256:
-            return 1
-        return 2
+        """Unpacked models: 2 length groups where removing padding pays (3 make matmuls too
+        small to pay off), else 1."""
+        return 2 if self.flop_bound() else 1
 
     def forward(
         self,
@@ -149,7 +168,7 @@ class Encoder(nn.Module):
             if bool((rows < 0).any()):
                 raise RuntimeError("text id outside the evaluation cache")
             return self._cache[rows]
-        if self.pack_start is not None:
+        if self.packs():
             packed = self.packed(ids, vocab)
             return packed.pool(self.hidden(packed.inputs, params), self.pooling)
         groups = self.length_groups(ids)

@@ -28,7 +28,7 @@ class BackboneConfig:
     trainable: str = "all"  # all | none | top_k
     top_k: int = 2  # with trainable=top_k: the last k layers (and the pooler) train
     gradient_checkpointing: bool = False
-    packing: bool = True  # texts share rows without padding, where the architecture allows
+    packing: str = "auto"  # texts share rows without padding: auto (where it pays) | always | never
     length_buckets: int = 0  # unpacked: texts forward in N groups of similar length; 0: auto
     causal_lm: bool = False  # a decoder with its LM head (in-context learning), not an encoder
 

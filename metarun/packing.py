@@ -19,6 +19,7 @@ from torch import nn
 # RoBERTa's convention). Others forward padded batches.
 FIRST_POSITION = {"bert": 0, "distilbert": 0, "electra": 0, "roberta": "pad",
                   "xlm-roberta": "pad", "camembert": "pad"}  # fmt: skip
+PACKABLE = tuple(FIRST_POSITION)
 MASKS = ("sdpa", "eager")  # attention implementations that read a dense 4D mask
 
 

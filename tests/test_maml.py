@@ -277,6 +277,7 @@ CHECKPOINTED = {
     "top_k": ["algo.adapt=top_k", "algo.top_k=1"],  # lower layers train but do not adapt
     "lora": ["algo.adapt=lora"],
     "adam-learned-lr": ["algo.inner_optimizer=adam", "algo.learn_inner_lr=true"],
+    "packed": ["backbone.packing=always"],
 }
 
 
@@ -318,6 +319,13 @@ def test_checkpointed_inner_steps_replay_dropout_and_keep_less(compose_cfg, synt
     plain_growth = plain_bytes - run(False, 2)[1]
     ckpt_growth = ckpt_bytes - run(True, 2)[1]
     assert ckpt_growth < 0.3 * plain_growth
+
+
+def test_packed_texts_give_the_padded_second_order_meta_gradient(make, episodes):
+    padded = meta_grads(make("algo=maml", "algo.inner_lr=0.3", dtype=torch.float64), episodes)
+    packed = make("algo=maml", "algo.inner_lr=0.3", "backbone.packing=always", dtype=torch.float64)
+    assert packed.encoder.packs()
+    assert_same(padded, meta_grads(packed, episodes), atol=1e-10)
 
 
 def test_checkpointed_inner_steps_need_second_order(make):

@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 
 from metarun.algo.maml import second_order_attention
 from metarun.backbone import load_backbone
+from metarun.errors import MetarunError
 from metarun.packing import pack_rows
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
@@ -17,19 +18,18 @@ TEXTS = [" ".join(WORDS[: 1 + (i * 3) % len(WORDS)]) for i in range(20)]
 
 def _encoder(compose_cfg, *overrides: str):
     torch.manual_seed(0)
-    cfg = compose_cfg("backbone=tiny", *overrides)
+    cfg = compose_cfg("backbone=tiny", "backbone.packing=always", *overrides)
     enc = load_backbone(OmegaConf.to_object(cfg).backbone)
     enc.set_texts(TEXTS)
     return enc.eval()
 
 
 def _padded(encoder, ids, **kw):
-    start, encoder.pack_start = encoder.pack_start, None
-    encoder.length_buckets = 1
+    encoder.packing, encoder.length_buckets = "never", 1
     try:
         return encoder(ids, **kw)
     finally:
-        encoder.pack_start = start
+        encoder.packing = "always"
 
 
 def test_rows_hold_every_text_once_within_capacity():
@@ -50,6 +50,7 @@ ARCHS = {
         "+backbone.arch.n_heads=2",
         "+backbone.arch.hidden_dim=64",
     ],
+    "electra": ["backbone.arch.model_type=electra", "+backbone.arch.embedding_size=32"],
     "bert-eager": ["+backbone.arch._attn_implementation=eager"],
 }
 
@@ -58,7 +59,7 @@ ARCHS = {
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
 def test_packed_equals_padded_with_gradients(compose_cfg, arch, pooling):
     enc = _encoder(compose_cfg, f"backbone.pooling={pooling}", *ARCHS[arch])
-    assert enc.pack_start is not None, f"{arch} should pack"
+    assert enc.packs(), f"{arch} should pack"
     ids = torch.randperm(len(TEXTS))
     packed = enc.packed(ids)
     padded_slots = len(ids) * int(enc.lengths[ids].max())
@@ -81,6 +82,7 @@ def test_packed_second_order_gradient_equals_padded(tiny_encoder):
     constant: a gradient of a gradient is the padded one."""
     tiny_encoder.set_texts(TEXTS)
     tiny_encoder.eval()
+    tiny_encoder.packing = "always"
     ids = torch.arange(12)
     weight = tiny_encoder.model.get_parameter("encoder.layer.0.attention.self.query.weight")
 
@@ -99,6 +101,7 @@ def test_packed_second_order_gradient_equals_padded(tiny_encoder):
 def test_packed_with_an_episode_vocabulary_table(tiny_encoder):
     tiny_encoder.set_texts(TEXTS)
     tiny_encoder.eval()
+    tiny_encoder.packing = "always"
     ids = torch.tensor([3, 0, 7, 11])
     vocab = tiny_encoder.local_vocab(ids)
     name = "embeddings.word_embeddings.weight"
@@ -107,7 +110,29 @@ def test_packed_with_an_episode_vocabulary_table(tiny_encoder):
     assert torch.allclose(cut, _padded(tiny_encoder, ids), atol=1e-5)
 
 
-def test_packing_off_and_decoders_forward_padded_batches(compose_cfg):
-    assert _encoder(compose_cfg, "backbone.packing=false").pack_start is None
+def test_packing_auto_only_where_it_pays_and_never_for_decoders(compose_cfg, tiny_encoder):
+    """auto packs on CPU for models at least 256 wide; a narrow model is bound by per-operator
+    overhead, which packing adds to (the tiny BERT's MAML ran 1.5x slower packed)."""
+    assert tiny_encoder.packing == "auto" and tiny_encoder.pack_start == 0
+    assert not tiny_encoder.packs()
+    tiny_encoder.model.config.hidden_size = 384  # only the width decides
+    try:
+        assert tiny_encoder.packs()
+        tiny_encoder.packing = "never"
+        assert not tiny_encoder.packs()
+    finally:
+        tiny_encoder.model.config.hidden_size = 32
     cfg = compose_cfg("backbone=tiny-gpt2")
     assert load_backbone(OmegaConf.to_object(cfg).backbone).pack_start is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["backbone=tiny", "backbone.packing=yes"], "backbone.packing=yes; use one of auto"),
+        (["backbone=tiny-gpt2", "backbone.packing=always"], "backbone.packing=always: .* gpt2"),
+    ],
+)
+def test_bad_packing_is_one_clear_error(compose_cfg, overrides, message):
+    with pytest.raises(MetarunError, match=message):
+        load_backbone(OmegaConf.to_object(compose_cfg(*overrides)).backbone)

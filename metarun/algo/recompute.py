@@ -33,7 +33,9 @@ def checkpointed_step(
 
 
 def _detached(keys: list[str], values) -> dict[str, torch.Tensor]:
-    return {k: v.detach().requires_grad_(v.requires_grad) for k, v in zip(keys, values)}
+    """Fresh leaves of the step's inputs: the step's graph starts at them."""
+    pairs = zip(keys, values, strict=True)
+    return {k: v.detach().requires_grad_(v.requires_grad) for k, v in pairs}
 
 
 class _RecomputedStep(torch.autograd.Function):
