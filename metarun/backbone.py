@@ -7,6 +7,7 @@ the unadapted embeddings of every distinct text can be computed once and reused 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -27,6 +28,12 @@ POOLINGS = ("mean", "cls")
 TRAINABLE = ("all", "none", "top_k")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PACKING = ("auto", "always", "never")  # not on/off: YAML reads those as booleans
+
+
+def second_order_attention() -> contextlib.AbstractContextManager:
+    """Only PyTorch's math attention kernel has a double backward; fused kernels raise
+    'derivative for aten::_scaled_dot_product_*_backward is not implemented'."""
+    return sdpa_kernel([SDPBackend.MATH])
 
 
 class Encoder(nn.Module):
@@ -210,7 +217,7 @@ class Encoder(nn.Module):
         """The checkpointed forward. Recomputation happens during backward, outside any caller's
         context, so everything it depends on is inside: the adapted `params` (a closure, not the
         module's weights) and the math attention kernel (the one with a double backward)."""
-        with sdpa_kernel([SDPBackend.MATH]):
+        with second_order_attention():
             return self._hidden(inputs, params)
 
     @contextmanager

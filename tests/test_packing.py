@@ -7,8 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from metarun.algo.maml import second_order_attention
-from metarun.backbone import load_backbone
+from metarun.backbone import load_backbone, second_order_attention
 from metarun.errors import MetarunError
 from metarun.packing import pack_rows
 

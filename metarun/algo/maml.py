@@ -8,21 +8,13 @@ from __future__ import annotations
 
 import contextlib
 
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
 from metarun.algo.base import Algorithm, Predictor
 from metarun.algo.inner import build_inner_loop
-from metarun.backbone import Encoder
+from metarun.backbone import Encoder, second_order_attention
 from metarun.errors import MetarunError
 from metarun.task import Examples
 
 BACKENDS = ("func", "higher")
-
-
-def second_order_attention() -> contextlib.AbstractContextManager:
-    """Only PyTorch's math attention kernel has a double backward; fused kernels raise
-    'derivative for aten::_scaled_dot_product_*_backward is not implemented'."""
-    return sdpa_kernel([SDPBackend.MATH])
 
 
 class MAML(Algorithm):

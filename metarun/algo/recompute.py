@@ -14,7 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from metarun.backbone import second_order_attention
 
 # run(inputs, create_graph) -> (the step's outputs, its support loss)
 StepFn = Callable[[dict[str, torch.Tensor], bool], tuple[dict[str, torch.Tensor], torch.Tensor]]
@@ -70,7 +71,7 @@ class _RecomputedStep(torch.autograd.Function):
             torch.random.fork_rng(devices=devices),
             torch.enable_grad(),
             torch.autocast(device.type, dtype=dtype, enabled=enabled),
-            sdpa_kernel([SDPBackend.MATH]),  # the attention kernel with a double backward
+            second_order_attention(),
         ):
             torch.set_rng_state(ctx.cpu_rng)  # the same dropout draws as the forward
             if ctx.cuda_rng is not None:
