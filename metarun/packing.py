@@ -77,14 +77,15 @@ def pack(
     as the longest text. `additive_dtype` gives an additive float mask (eager attention) instead
     of a boolean one (SDPA: True attends)."""
     device = tokens.device
-    width = int(lengths.max())
-    rows = pack_rows(lengths.tolist(), width)
-    row_of, offset = [0] * len(lengths), [0] * len(lengths)
+    sizes = lengths.tolist()
+    width = max(sizes)
+    rows = pack_rows(sizes, width)
+    row_of, offset = [0] * len(sizes), [0] * len(sizes)
     for r, members in enumerate(rows):
         used = 0
         for i in members:
             row_of[i], offset[i] = r, used
-            used += int(lengths[i])
+            used += sizes[i]
     first_slot = torch.tensor(row_of, device=device) * width + torch.tensor(offset, device=device)
     real = torch.arange(tokens.shape[1], device=device)[None, :] < lengths[:, None]
     token_text, within = real.nonzero(as_tuple=True)  # text by text, positions ascending

@@ -138,11 +138,12 @@ class InnerLoop(nn.Module):
                 weight, bias = weight.detach().requires_grad_(), bias.detach().requires_grad_()
             params |= dict(zip(HEAD, (weight, bias), strict=True))
             state: dict[str, torch.Tensor] = {}
+            fixed = self.fixed_inputs(encoder, params) if checkpoint else {}
             loss = torch.tensor(float("nan"))
             for step in range(steps):
                 if checkpoint:
                     params, state, loss = self.checkpointed(
-                        encoder, support, labels, vocab, params, state, step
+                        encoder, support, labels, vocab, params, state, fixed, step
                     )
                     continue
                 reuse = not self.names and not recompute
@@ -159,17 +160,22 @@ class InnerLoop(nn.Module):
 
         return Adapted(params, float(loss.detach()), predict)
 
-    def checkpointed(
-        self, encoder: Encoder, support: Examples, labels: torch.Tensor,
-        vocab: torch.Tensor | None, params: dict, state: dict, step: int,
-    ) -> tuple[dict, dict, torch.Tensor]:  # fmt: skip
-        """One second-order step through `checkpointed_step`. Its inputs are everything the
-        step reads that may need a gradient: the adapted tensors, the inner Adam state, the
-        encoder weights that train but do not adapt, and learned inner rates."""
+    def fixed_inputs(self, encoder: Encoder, params: dict) -> dict[str, torch.Tensor]:
+        """What a checkpointed step reads besides the adapted tensors and the inner Adam state
+        and may need a gradient for: encoder weights that train but do not adapt, and learned
+        inner rates. The same at every step of one adaptation."""
         fixed = {f"model.{n}": p for n, p in encoder.model.named_parameters()
                  if p.requires_grad and f"model.{n}" not in params}  # fmt: skip
         if isinstance(self.lrs, nn.Parameter):
             fixed["lrs"] = self.lrs
+        return fixed
+
+    def checkpointed(
+        self, encoder: Encoder, support: Examples, labels: torch.Tensor,
+        vocab: torch.Tensor | None, params: dict, state: dict, fixed: dict, step: int,
+    ) -> tuple[dict, dict, torch.Tensor]:  # fmt: skip
+        """One second-order step through `checkpointed_step`, whose inputs are the adapted
+        tensors, the inner Adam state and `fixed` (see `fixed_inputs`)."""
 
         def run(inputs: dict[str, torch.Tensor], create_graph: bool):
             adapted = {k: inputs[k] for k in params}
