@@ -262,6 +262,31 @@ def eval_cell(overrides: list[str], episodes: int, uncached: int) -> dict[str, A
     return out
 
 
+def icl_cell(overrides: list[str], episodes: int, unshared: int) -> dict[str, Any]:
+    """In-context learning's test episodes per second with the demonstrations shared by every
+    query and each query by every label (algo/prompting.py), against each (query, label)
+    sequence scored alone on the first `unshared` of the same episodes; their scores agree."""
+    typed, cfg, device, autocast, data, encoder = build(overrides)
+    algo = build_algorithm(cfg.algo, encoder, typed.task.way).to(device)
+    algo.prepare(data)
+    task = typed.task
+    test = fixed_episodes(data.splits["test"], task.way, task.shots, task.queries, episodes,
+                          task.eval_seed, "test")  # fmt: skip
+    out: dict[str, Any] = {"device": str(device), "params": parameter_count(encoder)}
+    for label, shared, n in (("shared", True, episodes), ("unshared", False, unshared)):
+        algo.shared_prefix = shared
+        with torch.no_grad(), autocast():
+            algo.eval().adapt(test[0].support, task.way)(test[0].query)  # warm-up
+        sync(device)
+        start = time.perf_counter()
+        result = evaluate(algo, test[:n], autocast)
+        sync(device)
+        seconds = time.perf_counter() - start
+        out[label] = {"episodes": n, "seconds": seconds, "episodes_per_second": n / seconds,
+                      "acc": result.acc}  # fmt: skip
+    return out
+
+
 @contextlib.contextmanager
 def uncached_eval(algo) -> Iterator[None]:
     """Evaluation that encodes every episode's texts anew: what the cache saves."""
@@ -274,4 +299,4 @@ def uncached_eval(algo) -> Iterator[None]:
 
 
 CELLS = {"train": train_cell, "reference": reference_cell, "matmul_peak": matmul_peak_cell,
-         "eval": eval_cell}  # fmt: skip
+         "eval": eval_cell, "icl": icl_cell}  # fmt: skip

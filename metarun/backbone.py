@@ -1,4 +1,8 @@
-"""A Hugging Face encoder that maps text ids to pooled embeddings.
+"""A Hugging Face encoder or decoder that maps text ids to pooled embeddings.
+
+A decoder (`causal_lm`) is read through its body (the transformer under the LM head): pooled
+features for every feature-reading algorithm, and hidden states that `lm_logits` turns into
+next-token scores for prompt-based ones (in-context learning, the verbalizer head).
 
 Texts are tokenised once per run. Calls may pass `params` (a dict of parameter overrides) so
 inner loops run functionally over adapted weights without copying the model. During evaluation
@@ -22,9 +26,10 @@ from torch.utils.checkpoint import checkpoint
 from metarun.config import BackboneConfig
 from metarun.errors import MetarunError
 from metarun.packing import PACKABLE, Packed, first_position, pack
+from metarun.weights import load_pretrained
 
 log = logging.getLogger(__name__)
-POOLINGS = ("mean", "cls")
+POOLINGS = ("mean", "cls", "last")
 TRAINABLE = ("all", "none", "top_k")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PACKING = ("auto", "always", "never")  # not on/off: YAML reads those as booleans
@@ -48,12 +53,17 @@ class Encoder(nn.Module):
         name: str = "",
         length_buckets: int = 0,
         packing: str = "auto",
+        lora_targets: Sequence[str] = ("query", "value"),
     ) -> None:
         super().__init__()
         if length_buckets < 0:
             raise MetarunError(f"backbone.length_buckets={length_buckets} must be >= 0")
         self.length_buckets = length_buckets
         self.causal_lm, self.name = causal_lm, name or type(model).__name__
+        self.lora_targets = list(lora_targets)
+        # A decoder's hidden states come from its body; adapted weights are named as in the
+        # whole model ("model.layers.0...."), so the body's prefix is cut from their names.
+        self.body_prefix = f"{model.base_model_prefix}." if causal_lm else ""
         self.texts: list[str] = []
         # Activation checkpointing of each encoder call (not Hugging Face's per-layer version,
         # whose recomputation would read the module's own weights instead of adapted ones).
@@ -65,7 +75,7 @@ class Encoder(nn.Module):
         if packing not in PACKING:
             raise MetarunError(f"backbone.packing={packing}; use one of {', '.join(PACKING)}")
         # Where each packed text's position ids start; None: this model cannot be packed.
-        self.pack_start = None if causal_lm else first_position(model)
+        self.pack_start = first_position(model)
         if packing == "always" and self.pack_start is None:
             raise MetarunError(
                 f"backbone.packing=always: {self.name} ({model.config.model_type}) cannot be "
@@ -119,7 +129,8 @@ class Encoder(nn.Module):
         eager = self.model.config._attn_implementation == "eager"
         dtype = next(self.model.parameters()).dtype if eager else None
         pad = self.tokenizer.pad_token_id or 0
-        packed = pack(self.tokens[ids, : int(lengths.max())], lengths, pad, self.pack_start, dtype)
+        tokens = self.tokens[ids, : int(lengths.max())]
+        packed = pack(tokens, lengths, pad, self.pack_start, dtype, causal=self.causal_lm)
         if vocab is not None:
             packed.inputs["input_ids"] = torch.searchsorted(vocab, packed.inputs["input_ids"])
         return packed
@@ -199,19 +210,35 @@ class Encoder(nn.Module):
         return self._hidden(inputs, params)
 
     def embed(self, inputs: dict[str, torch.Tensor], params: dict | None) -> torch.Tensor:
-        """Pooled embeddings of a padded batch (`attention_mask` 2D)."""
+        """Pooled embeddings of a right-padded batch (`attention_mask` 2D)."""
         hidden = self.hidden(inputs, params)
         if self.pooling == "cls":
             return hidden[:, 0]
+        if self.pooling == "last":
+            last = inputs["attention_mask"].sum(1) - 1
+            return hidden[torch.arange(len(hidden), device=hidden.device), last]
         mask = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
 
     def _hidden(self, inputs: dict, params: dict | None) -> torch.Tensor:
+        body = self.model.base_model if self.causal_lm else self.model
         if params:
-            out = functional_call(self.model, params, args=(), kwargs=inputs, strict=False)
+            cut = len(self.body_prefix)
+            own = {k[cut:]: v for k, v in params.items() if k.startswith(self.body_prefix)}
+            out = functional_call(body, own, args=(), kwargs=inputs, strict=False)
         else:
-            out = self.model(**inputs)
+            out = body(**inputs)
         return out.last_hidden_state
+
+    def lm_logits(self, hidden: torch.Tensor, params: dict | None = None) -> torch.Tensor:
+        """A decoder's next-token logits from hidden states, with the output layer's adapted
+        weight when `params` has it (a tied table adapted as the input embedding, say)."""
+        head = self.model.get_output_embeddings()
+        weight = head.weight
+        if params:
+            name = next(n for n, p in self.model.named_parameters() if p is head.weight)
+            weight = params.get(name, weight)
+        return torch.nn.functional.linear(hidden, weight, getattr(head, "bias", None))
 
     def _hidden_math(self, inputs: dict, params: dict | None) -> torch.Tensor:
         """The checkpointed forward. Recomputation happens during backward, outside any caller's
@@ -263,41 +290,32 @@ def set_trainable(model: nn.Module, trainable: str, top_k: int) -> None:
             layer.requires_grad_(True)
 
 
-def _load_pretrained(cfg: BackboneConfig):
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
-
-    auto = AutoModelForCausalLM if cfg.causal_lm else AutoModel
-    local = Path(cfg.path).expanduser().is_dir()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.path)
-        if tokenizer.pad_token is None:  # GPT-2 has none; padding is masked out anyway
-            tokenizer.pad_token = tokenizer.eos_token
-        if cfg.random_init:
-            kind = dict(cfg.arch).pop("model_type", None)
-            arch = {k: v for k, v in cfg.arch.items() if k != "model_type"}
-            base = AutoConfig.for_model(kind) if kind else AutoConfig.from_pretrained(cfg.path)
-            for key, value in arch.items():
-                setattr(base, key, value)
-            base.vocab_size = max(getattr(base, "vocab_size", 0), len(tokenizer))
-            return auto.from_config(base), tokenizer
-        return auto.from_pretrained(cfg.path), tokenizer
-    except OSError as err:
-        if local:
-            raise MetarunError(f"backbone.path={cfg.path}: cannot load weights ({err})") from err
+def check_pooling(cfg: BackboneConfig) -> None:
+    """A decoder's first token sees only itself, and an encoder's last real token is [SEP]:
+    each pooling fits one family."""
+    if cfg.pooling not in POOLINGS:
+        raise MetarunError(f"backbone.pooling={cfg.pooling}; use one of {', '.join(POOLINGS)}")
+    if cfg.causal_lm and cfg.pooling == "cls":
         raise MetarunError(
-            f"backbone.path={cfg.path} is not a local folder and the Hugging Face hub is "
-            "unreachable; offline use backbone=minilm or backbone.path=/local/dir"
-        ) from err
+            "backbone.pooling=cls reads a decoder's first token, which sees only itself; "
+            "use backbone.pooling=last or mean for a decoder"
+        )
+    if not cfg.causal_lm and cfg.pooling == "last":
+        raise MetarunError(
+            "backbone.pooling=last is for decoders (the token that has read the whole text); "
+            "use backbone.pooling=mean or cls for an encoder"
+        )
 
 
 def load_backbone(cfg: BackboneConfig) -> Encoder:
-    if cfg.pooling not in POOLINGS:
-        raise MetarunError(f"backbone.pooling={cfg.pooling}; use one of {', '.join(POOLINGS)}")
+    check_pooling(cfg)
     if cfg.dtype not in DTYPES:
         raise MetarunError(f"backbone.dtype={cfg.dtype}; use one of {', '.join(DTYPES)}")
-    model, tokenizer = _load_pretrained(cfg)
+    model, tokenizer = load_pretrained(cfg)
     model = model.to(DTYPES[cfg.dtype])
     set_trainable(model, cfg.trainable, cfg.top_k)
-    name = f"random {model.config.model_type}" if cfg.random_init else Path(cfg.path).name
+    name = Path(cfg.gguf_file or cfg.path).stem if cfg.gguf_file else Path(cfg.path).name
+    name = f"random {model.config.model_type}" if cfg.random_init else name
     return Encoder(model, tokenizer, cfg.pooling, cfg.max_length, cfg.gradient_checkpointing,
-                   cfg.causal_lm, name, cfg.length_buckets, cfg.packing)  # fmt: skip
+                   cfg.causal_lm, name, cfg.length_buckets, cfg.packing,
+                   cfg.lora_targets)  # fmt: skip

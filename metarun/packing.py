@@ -16,9 +16,10 @@ from torch import nn
 
 # Architectures whose embeddings take explicit `position_ids` and whose attention takes a
 # prepared 4D mask, with the position id of each text's first token ("pad": padding_idx + 1,
-# RoBERTa's convention). Others forward padded batches.
+# RoBERTa's convention). Decoders get a causal block-diagonal mask. Others forward padded batches.
 FIRST_POSITION = {"bert": 0, "distilbert": 0, "electra": 0, "roberta": "pad",
-                  "xlm-roberta": "pad", "camembert": "pad"}  # fmt: skip
+                  "xlm-roberta": "pad", "camembert": "pad", "llama": 0, "qwen2": 0, "qwen3": 0,
+                  "mistral": 0, "gpt2": 0}  # fmt: skip
 PACKABLE = tuple(FIRST_POSITION)
 MASKS = ("sdpa", "eager")  # attention implementations that read a dense 4D mask
 
@@ -61,21 +62,35 @@ class Packed:
     lengths: torch.Tensor  # [texts]
 
     def pool(self, hidden: torch.Tensor, pooling: str) -> torch.Tensor:
-        """[texts, dim] mean over each text's tokens, or its first token ("cls")."""
+        """[texts, dim] mean over each text's tokens, or its first ("cls") or last token."""
         flat = hidden.reshape(-1, hidden.shape[-1])
         if pooling == "cls":
             return flat[self.first_slot]
+        if pooling == "last":
+            return flat[self.first_slot + self.lengths - 1]
         sums = flat.new_zeros(len(self.lengths), flat.shape[-1])
         sums = sums.index_add(0, self.token_text, flat[self.token_slot])
         return sums / self.lengths.unsqueeze(-1).to(flat.dtype)
 
 
+def attention_mask(allowed: torch.Tensor, additive_dtype=None) -> torch.Tensor:
+    """A prepared 4D mask from a boolean one (True attends): as is for SDPA, or additive floats
+    (0 / the dtype's minimum) for eager attention when `additive_dtype` is given."""
+    if additive_dtype is None:
+        return allowed
+    blocked = torch.finfo(additive_dtype).min
+    return torch.zeros(allowed.shape, dtype=additive_dtype, device=allowed.device).masked_fill(
+        ~allowed, blocked
+    )
+
+
 def pack(
-    tokens: torch.Tensor, lengths: torch.Tensor, pad_id: int, start: int, additive_dtype=None
-) -> Packed:
+    tokens: torch.Tensor, lengths: torch.Tensor, pad_id: int, start: int, additive_dtype=None,
+    causal: bool = False,
+) -> Packed:  # fmt: skip
     """Pack texts (`tokens` [texts, >= max length], padded with anything) into rows as wide
     as the longest text. `additive_dtype` gives an additive float mask (eager attention) instead
-    of a boolean one (SDPA: True attends)."""
+    of a boolean one (SDPA: True attends); `causal`: each token sees only earlier ones."""
     device = tokens.device
     sizes = lengths.tolist()
     width = max(sizes)
@@ -98,11 +113,10 @@ def pack(
     segment = torch.full((slots,), -1, dtype=torch.long, device=device)  # padding: its own
     segment[token_slot] = token_text
     segment = segment.view(len(rows), width)
-    mask = (segment[:, :, None] == segment[:, None, :]).unsqueeze(1)
-    if additive_dtype is not None:
-        mask = torch.zeros(mask.shape, dtype=additive_dtype, device=device).masked_fill(
-            ~mask, torch.finfo(additive_dtype).min
-        )
+    mask = segment[:, :, None] == segment[:, None, :]
+    if causal:
+        mask &= torch.ones(width, width, dtype=torch.bool, device=device).tril()
+    mask = attention_mask(mask.unsqueeze(1), additive_dtype)
     shape = (len(rows), width)
     inputs = {"input_ids": input_ids.view(shape), "position_ids": position_ids.view(shape),
               "attention_mask": mask}  # fmt: skip

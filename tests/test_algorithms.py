@@ -59,13 +59,17 @@ def held_out_loss(algo, episodes) -> float:
 
 LEARNERS = [("relationnet", 80), ("matchingnet", 30), ("ridge", 30), ("hypernet", 30),
             ("hypernet", 30, "algo.generate_lora=true"), ("finetune", 30), ("zeroshot", 30),
-            ("metaicl", 100)]  # fmt: skip
+            ("metaicl", 100), ("protonet", 30, "backbone=tiny-llama"),
+            ("maml", 40, "backbone=tiny-llama", "algo.head=verbalizer", "algo.inner_steps=1",
+             "algo.eval_inner_steps=1")]  # fmt: skip
 
 
-@pytest.mark.parametrize("case", LEARNERS, ids=lambda c: "-".join(map(str, c[:1] + c[2:])))
+@pytest.mark.parametrize("case", LEARNERS, ids=lambda c: "-".join(map(str, c[:1] + c[2:4])))
 def test_meta_training_lowers_held_out_loss_and_beats_chance(make, synthetic_task, held_out, case):
     algo_name, steps, *overrides = case
     backbone = "tiny-gpt2" if "icl" in algo_name else "tiny"
+    backbone = next((o.split("=")[1] for o in overrides if o.startswith("backbone=")), backbone)
+    overrides = [o for o in overrides if not o.startswith("backbone=")]
     algo = make(algo_name, *overrides, backbone=backbone)
     before = held_out_loss(algo, held_out)
     meta_train(algo, synthetic_task, steps)
@@ -161,10 +165,7 @@ def test_relation_scores_and_matching_probabilities(make, held_out):
     assert torch.equal(logp.argmax(-1), ep.support.labels)  # a support text attends to itself
 
 
-@pytest.mark.parametrize(("algo", "backbone", "needs"), [
-    ("protonet", "tiny-gpt2", "an encoder backbone"),
-    ("icl", "tiny", "a decoder backbone"),
-])  # fmt: skip
-def test_algorithms_refuse_the_wrong_backbone_family(make, algo, backbone, needs):
-    with pytest.raises(MetarunError, match=needs):
-        make(algo, backbone=backbone)
+@pytest.mark.parametrize("algo", ["icl", "metaicl", "prompt"])
+def test_prompt_algorithms_refuse_an_encoder(make, algo):
+    with pytest.raises(MetarunError, match="a decoder backbone"):
+        make(algo, backbone="tiny")

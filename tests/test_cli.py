@@ -71,7 +71,7 @@ def test_steps_zero_evaluates_the_untrained_backbone_on_icd10(tmp_path):
         (["task=banking77", "task.data_dir=/no/such/dir"], "task.data_dir=/no/such/dir does not"),
         (["task=local", "task.label_column=intent"], "no column 'intent'"),
         (["task.wya=3"], "Key 'wya' not in 'TaskConfig'"),
-        (["algo=maml", "backbone=bert-base"], "offline use backbone=minilm or backbone.path="),
+        (["algo=maml", "backbone=bert-base"], "offline use backbone=minilm or backbone=smollm2, or backbone.path="),
     ],
     ids=[
         "unknown-algo",
@@ -172,9 +172,9 @@ def test_every_other_algorithm_end_to_end(tmp_path, synthetic_jsonl):
     assert summaries["metaicl"]["train"]["steps_done"] == 2
 
 
-def test_encoder_algorithm_on_a_decoder_is_one_clear_line(tmp_path, synthetic_jsonl):
-    proc = metarun(*FAST, f"task.path={synthetic_jsonl}", "backbone=tiny-gpt2", cwd=tmp_path)
+def test_prompt_algorithm_on_an_encoder_is_one_clear_line(tmp_path, synthetic_jsonl):
+    proc = metarun(*FAST, f"task.path={synthetic_jsonl}", "algo=icl", cwd=tmp_path)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith("metarun: error:") and "an encoder backbone" in lines[-1]
+    assert lines[-1].startswith("metarun: error:") and "a decoder backbone" in lines[-1]
     assert "Traceback" not in proc.stderr

@@ -1,4 +1,5 @@
-"""In-context learning on a tiny random GPT-2: the prompt format, and what gets scored."""
+"""Prompt-based methods on tiny random decoders (GPT-2 and Llama): the prompt format, what gets
+scored, and shared-prefix scoring against each sequence scored alone."""
 
 from __future__ import annotations
 
@@ -7,16 +8,18 @@ import torch
 from omegaconf import OmegaConf
 
 from metarun.algo import build_algorithm
-from metarun.algo.icl import PromptFormat
+from metarun.algo.prompting import PromptFormat, PromptScorer, Tree
 from metarun.backbone import load_backbone
 from metarun.errors import MetarunError
 from metarun.task import fixed_episodes
 
+DECODERS = ["tiny-gpt2", "tiny-llama"]
+
 
 @pytest.fixture
 def icl(compose_cfg, synthetic_task):
-    def _make(*overrides: str):
-        cfg = compose_cfg("backbone=tiny-gpt2", "algo=icl", *overrides)
+    def _make(*overrides: str, backbone: str = "tiny-gpt2"):
+        cfg = compose_cfg(f"backbone={backbone}", "algo=icl", *overrides)
         torch.manual_seed(0)
         encoder = load_backbone(OmegaConf.to_object(cfg).backbone)
         encoder.set_texts(synthetic_task.texts)
@@ -33,42 +36,84 @@ def episode(synthetic_task):
 
 
 def test_prompt_format_round_trips():
-    fmt = PromptFormat("Input: {text}\nLabel: {label}", "\n\n")
+    fmt = PromptFormat("Classify as one of: {labels}.\n\n", "Input: {text}\nLabel: {label}", "\n\n")
+    names = ["card payment fee", "transfer"]
     demos = [("my card was  charged\ntwice", "card payment fee"), ("where is my money", "transfer")]
-    context = fmt.context(demos, "how do I top up?")
+    context = fmt.context(names, demos, "how do I top up?")
+    assert context.startswith("Classify as one of: card payment fee, transfer.\n\nInput: my card")
     assert context.endswith("Input: how do I top up?\nLabel:")
-    parsed, query = fmt.parse(context)
+    parsed, query = fmt.parse(context, names)
     assert parsed == [(fmt.clean(t), fmt.clean(lab)) for t, lab in demos]
     assert query == "how do I top up?"
     assert fmt.continuation("transfer") == " transfer"  # the template's space goes with the label
+    assert fmt.parse(fmt.context(names, [], "hi"), names) == ([], "hi")  # zero-shot: no demos
     with pytest.raises(MetarunError, match=r"algo\.template"):
-        PromptFormat("{label} is the label of {text}", "\n")
+        PromptFormat("", "{label} is the label of {text}", "\n")
+    with pytest.raises(MetarunError, match=r"algo\.instruction"):
+        PromptFormat("Pick {choice}", "{text} {label}", "\n")
 
 
-def test_each_label_is_scored_as_the_continuation_of_the_same_prompt(icl, episode):
-    algo = icl()
+def full_sequence_logprob(model, context: list[int], continuation: list[int]) -> float:
+    """The reference: one plain forward of the whole sequence, no mask, no position ids."""
+    with torch.no_grad():
+        logp = model(torch.tensor([context + continuation])).logits.log_softmax(-1)[0]
+    return sum(float(logp[len(context) + j - 1, t]) for j, t in enumerate(continuation))
+
+
+@pytest.mark.parametrize("backbone", DECODERS)
+def test_shared_prefix_scores_equal_each_sequence_scored_alone(icl, episode, backbone):
+    algo = icl(backbone=backbone)
     contexts = algo.contexts(episode.support, episode.query)
     names = algo.names(episode.support.classes)
     assert len(contexts) == len(episode.query)
-    demos, query = algo.format.parse(contexts[0])
+    demos, query = algo.format.parse(contexts[0], names)
     assert len(demos) == len(episode.support) and {lab for _, lab in demos} == set(names)
     assert query == algo.format.clean(algo.encoder.texts[int(episode.query.ids[0])])
-    # Batched scoring equals scoring each full sequence alone with the plain LM head.
-    conts = [algo.format.continuation(n) for n in names]
     with torch.no_grad():
-        sums, counts = algo.logprobs([contexts[0]] * len(conts), conts)
+        shared = algo.adapt(episode.support, 3)(episode.query)
+        algo.shared_prefix = False
+        alone = algo.adapt(episode.support, 3)(episode.query)
+    assert shared.shape == (len(episode.query), 3)
+    assert torch.allclose(shared, alone, atol=1e-4)
     tok, model = algo.encoder.tokenizer, algo.encoder.model
-    for k, cont in enumerate(conts):
-        ctx_ids = tok(contexts[0], add_special_tokens=False)["input_ids"]
-        cont_ids = tok(cont, add_special_tokens=False)["input_ids"]
-        assert tok.decode(cont_ids).strip() == names[k]  # what is scored is the label name
-        with torch.no_grad():
-            logp = model(torch.tensor([ctx_ids + cont_ids])).logits.log_softmax(-1)[0]
-        expected = sum(float(logp[len(ctx_ids) + j - 1, t]) for j, t in enumerate(cont_ids))
-        assert abs(float(sums[k]) - expected) < 1e-4 and int(counts[k]) == len(cont_ids)
+    prefix, stems = algo.pieces(episode.support, episode.query)
+    for q, stem in enumerate(stems):
+        assert prefix + stem == tok(contexts[q], add_special_tokens=False)["input_ids"]
+        for k, name in enumerate(names):
+            cont = tok(algo.format.continuation(name), add_special_tokens=False)["input_ids"]
+            assert tok.decode(cont).strip() == name  # what is scored is the label name
+            expected = full_sequence_logprob(model, prefix + stem, cont)
+            assert abs(float(shared[q, k]) - expected) < 1e-4
+
+
+def test_trees_packed_in_rows_score_like_trees_alone(icl):
+    """Several trees share rows (and a forward) without seeing each other."""
+    scorer = PromptScorer(icl(backbone="tiny-llama").encoder, max_tokens=40)
+    trees = [
+        Tree([5, 6, 7], [[8, 9], [10]], [[[11, 12], [13]], [[11, 12], [13]]]),
+        Tree([20], [[21, 22, 23]], [[[24]]]),
+        Tree([], [[30, 31]], [[[32, 33, 34]]]),
+    ]
     with torch.no_grad():
-        logits = algo.adapt(episode.support, 3)(episode.query)
-    assert logits.shape == (len(episode.query), 3)
+        together, counts = scorer.logprobs(trees)
+        alone = torch.cat([scorer.logprobs([t])[0] for t in trees])
+    assert torch.allclose(together, alone, atol=1e-5)
+    assert counts.tolist() == [2, 1, 2, 1, 1, 3]
+    model = scorer.encoder.model
+    assert abs(float(together[0]) - full_sequence_logprob(model, [5, 6, 7, 8, 9], [11, 12])) < 1e-4
+    assert abs(float(together[5]) - full_sequence_logprob(model, [30, 31], [32, 33, 34])) < 1e-4
+
+
+def test_zero_shot_prompting_reads_no_support_example(icl, episode, synthetic_task):
+    algo = icl("algo.demonstrations=false", backbone="tiny-llama")
+    other = fixed_episodes(synthetic_task.splits["train"], 3, 2, 3, 2, 0, "train")[1]
+    moved = type(episode.support)(other.support.ids, other.support.labels, episode.classes)
+    with torch.no_grad():
+        first = algo.adapt(episode.support, 3)(episode.query)
+        second = algo.adapt(moved, 3)(episode.query)
+    assert torch.equal(first, second)
+    names = algo.names(episode.classes)
+    assert algo.contexts(episode.support, episode.query)[0].startswith(algo.format.prefix(names))
 
 
 def test_plain_icl_trains_nothing_and_metaicl_trains_the_decoder(icl):
@@ -76,8 +121,25 @@ def test_plain_icl_trains_nothing_and_metaicl_trains_the_decoder(icl):
     assert icl("algo.train_lm=true").param_groups()
 
 
+@pytest.mark.parametrize("backbone", DECODERS)
+def test_metaicl_loss_is_the_nll_of_the_correct_label_tokens(icl, episode, backbone):
+    algo = icl("algo.train_lm=true", backbone=backbone)
+    loss, _ = algo.meta_loss([episode])
+    names = algo.names(episode.classes)
+    tok, model = algo.encoder.tokenizer, algo.encoder.model
+    prefix, stems = algo.pieces(episode.support, episode.query)
+    total, tokens = 0.0, 0
+    for stem, label in zip(stems, episode.query.labels.tolist(), strict=True):
+        cont = tok(algo.format.continuation(names[label]), add_special_tokens=False)["input_ids"]
+        total -= full_sequence_logprob(model, prefix + stem, cont)
+        tokens += len(cont)
+    assert abs(float(loss.detach()) - total / tokens) < 1e-4
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
 def test_a_prompt_longer_than_the_decoder_is_a_clear_error(icl, episode):
     algo = icl()
-    algo.max_positions = 20
+    algo.scorer.max_positions = 20
     with pytest.raises(MetarunError, match=r"lower task\.shots"):
         algo.adapt(episode.support, 3)(episode.query)

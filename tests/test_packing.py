@@ -15,9 +15,9 @@ WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "
 TEXTS = [" ".join(WORDS[: 1 + (i * 3) % len(WORDS)]) for i in range(20)]
 
 
-def _encoder(compose_cfg, *overrides: str):
+def _encoder(compose_cfg, *overrides: str, backbone: str = "tiny"):
     torch.manual_seed(0)
-    cfg = compose_cfg("backbone=tiny", "backbone.packing=always", *overrides)
+    cfg = compose_cfg(f"backbone={backbone}", "backbone.packing=always", *overrides)
     enc = load_backbone(OmegaConf.to_object(cfg).backbone)
     enc.set_texts(TEXTS)
     return enc.eval()
@@ -52,12 +52,21 @@ ARCHS = {
     "electra": ["backbone.arch.model_type=electra", "+backbone.arch.embedding_size=32"],
     "bert-eager": ["+backbone.arch._attn_implementation=eager"],
 }
+# Decoders: a causal block-diagonal mask; each text's first token sits at position 0.
+DECODER_ARCHS = {
+    "llama": ("tiny-llama", []),
+    "gpt2": ("tiny-gpt2", []),
+    "llama-eager": ("tiny-llama", ["+backbone.arch._attn_implementation=eager"]),
+}
+CASES = [(a, p) for a in ARCHS for p in ("mean", "cls")] + [
+    (a, p) for a in DECODER_ARCHS for p in ("mean", "last")
+]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("pooling", ["mean", "cls"])
+@pytest.mark.parametrize(("arch", "pooling"), CASES)
 def test_packed_equals_padded_with_gradients(compose_cfg, arch, pooling):
-    enc = _encoder(compose_cfg, f"backbone.pooling={pooling}", *ARCHS[arch])
+    backbone, overrides = DECODER_ARCHS.get(arch, ("tiny", ARCHS.get(arch)))
+    enc = _encoder(compose_cfg, f"backbone.pooling={pooling}", *overrides, backbone=backbone)
     assert enc.packs(), f"{arch} should pack"
     ids = torch.randperm(len(TEXTS))
     packed = enc.packed(ids)
@@ -109,7 +118,7 @@ def test_packed_with_an_episode_vocabulary_table(tiny_encoder):
     assert torch.allclose(cut, _padded(tiny_encoder, ids), atol=1e-5)
 
 
-def test_packing_auto_only_where_it_pays_and_never_for_decoders(compose_cfg, tiny_encoder):
+def test_packing_auto_only_where_it_pays(compose_cfg, tiny_encoder):
     """auto packs on CPU for models at least 256 wide; a narrow model is bound by per-operator
     overhead, which packing adds to (the tiny BERT's MAML ran 1.5x slower packed)."""
     assert tiny_encoder.packing == "auto" and tiny_encoder.pack_start == 0
@@ -122,14 +131,17 @@ def test_packing_auto_only_where_it_pays_and_never_for_decoders(compose_cfg, tin
     finally:
         tiny_encoder.model.config.hidden_size = 32
     cfg = compose_cfg("backbone=tiny-gpt2")
-    assert load_backbone(OmegaConf.to_object(cfg).backbone).pack_start is None
+    assert load_backbone(OmegaConf.to_object(cfg).backbone).pack_start == 0
 
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
         (["backbone=tiny", "backbone.packing=yes"], "backbone.packing=yes; use one of auto"),
-        (["backbone=tiny-gpt2", "backbone.packing=always"], "backbone.packing=always: .* gpt2"),
+        (
+            ["backbone=tiny", "backbone.packing=always", "backbone.arch.model_type=mpnet"],
+            "backbone.packing=always: .* mpnet",
+        ),
     ],
 )
 def test_bad_packing_is_one_clear_error(compose_cfg, overrides, message):

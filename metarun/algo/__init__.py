@@ -10,22 +10,17 @@ from metarun.algo.base import Algorithm, Predictor
 from metarun.backbone import Encoder
 from metarun.errors import MetarunError
 
-KINDS = {
-    "encoder": "an encoder backbone (e.g. backbone=minilm)",
-    "causal_lm": "a decoder backbone (backbone=gpt2, or backbone=tiny-gpt2 in tests)",
-}
+DECODERS = "a decoder backbone (backbone=smollm2 offline, gpt2, qwen2.5-0.5b, llama-3.2-1b)"
 
 
 def check_backbone_kind(cfg: DictConfig, encoder: Encoder) -> None:
-    """Encoder-only algorithms need pooled embeddings; in-context learning needs a decoder."""
+    """Algorithms reading pooled features run on encoders and decoders alike; prompt-based
+    ones (in-context learning, MetaICL, zero-shot prompting) need a decoder's LM head."""
     cls = get_class(cfg._target_)
-    wanted = getattr(cls, "backbone_kind", "encoder")
-    have = "causal_lm" if encoder.causal_lm else "encoder"
-    if wanted != have:
+    if getattr(cls, "backbone_kind", "any") == "causal_lm" and not encoder.causal_lm:
         raise MetarunError(
-            f"algo {cls.__name__} runs on {KINDS[wanted]}, but the backbone is "
-            f"{'a decoder' if have == 'causal_lm' else 'an encoder'} ({encoder.name}); "
-            f"choose {KINDS[wanted]}"
+            f"algo {cls.__name__} scores label names with a decoder's LM head, but the backbone "
+            f"is an encoder ({encoder.name}); choose {DECODERS}"
         )
 
 

@@ -8,10 +8,28 @@ from metarun.backbone import transformer_layers
 from metarun.errors import MetarunError
 
 ADAPT = ("all", "head", "top_k", "bias", "lora")
+HEADS = ("linear", "verbalizer")
+
+
+def resolve_adapt(adapt: str, head: str, linear_default: str) -> str:
+    """`algo.adapt=auto`: LoRA under the verbalizer head (a decoder's weights are the
+    classifier; LoRA is the lean way to adapt them), the algorithm's own choice under a linear
+    head. The verbalizer has no head of its own, so adapting only the head is refused."""
+    if head not in HEADS:
+        raise MetarunError(f"algo.head={head}; use one of {', '.join(HEADS)}")
+    if adapt == "auto":
+        return "lora" if head == "verbalizer" else linear_default
+    if head == "verbalizer" and adapt == "head":
+        raise MetarunError(
+            "algo.head=verbalizer scores label names with the decoder itself and has no head to "
+            "adapt; use algo.adapt=lora (or all, top_k, bias)"
+        )
+    return adapt
 
 
 def inject_lora(model: nn.Module, r: int, alpha: int, targets: list[str]) -> None:
-    """Add LoRA tensors (peft) to the `targets` linear layers, in place; they start trainable."""
+    """Add LoRA tensors (peft) to the `targets` linear layers (backbone.lora_targets), in
+    place; they start trainable."""
     from peft import LoraConfig, inject_adapter_in_model
 
     if r < 1:
@@ -24,7 +42,7 @@ def inject_lora(model: nn.Module, r: int, alpha: int, targets: list[str]) -> Non
         inject_adapter_in_model(config, model)
     except ValueError as err:
         raise MetarunError(
-            f"algo.lora_targets={list(targets)}: {err}; name linear layers of the backbone"
+            f"backbone.lora_targets={list(targets)}: {err}; name linear layers of the backbone"
         ) from err
     for name, param in model.named_parameters():
         base = name.replace(".base_layer", "")

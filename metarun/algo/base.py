@@ -38,9 +38,10 @@ class Algorithm(nn.Module):
     # encodes an episode's support and query texts in one forward (fuller, better-packed
     # batches). Algorithms whose predictions come from adapted encoder weights set it False.
     feature_cache: bool = True
-    # The backbone family the algorithm runs on: "encoder" (pooled embeddings) or "causal_lm"
-    # (a decoder scoring text continuations). `build_algorithm` refuses a mismatch up front.
-    backbone_kind: str = "encoder"
+    # The backbone family the algorithm runs on: "any" (pooled embeddings of an encoder or a
+    # decoder) or "causal_lm" (a decoder scoring text continuations). `build_algorithm` refuses
+    # an encoder for the latter up front.
+    backbone_kind: str = "any"
 
     def __init__(self, encoder: Encoder, way: int) -> None:
         super().__init__()

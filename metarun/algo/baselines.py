@@ -31,17 +31,21 @@ from metarun.task.data import episode_label_names
 
 class FineTune(Algorithm):
     def __init__(
-        self, encoder: Encoder, way: int, adapt: str, top_k: int, eval_steps: int,
-        eval_lr: float, inner_optimizer: str, head_lr: float,
+        self, encoder: Encoder, way: int, head: str, adapt: str, top_k: int, lora_r: int,
+        lora_alpha: int, eval_steps: int, eval_lr: float, inner_optimizer: str, head_lr: float,
+        instruction: str, template: str, separator: str, score: str,
     ) -> None:  # fmt: skip
         super().__init__(encoder, way)
-        if adapt not in ("head", "top_k", "bias", "all"):
-            raise MetarunError(f"algo.adapt={adapt}; fine-tuning adapts head, top_k, bias or all")
+        if adapt not in ("auto", "head", "top_k", "bias", "all", "lora"):
+            raise MetarunError(
+                f"algo.adapt={adapt}; fine-tuning adapts head, top_k, bias, all or lora"
+            )
         # The per-episode fit is an inner loop that starts from a zero head and is never
         # differentiated through (evaluation only).
         self.inner = build_inner_loop(
             encoder, way, adapt, top_k, 0, eval_steps, eval_lr, False, "zeros",
-            inner_optimizer, (1, 1, []),
+            inner_optimizer, (lora_r, lora_alpha), head,
+            (instruction, template, separator, score), linear_default="head",
         )  # fmt: skip
         self.feature_cache = not self.inner.adapts_encoder
         self.head_lr = head_lr
@@ -49,16 +53,33 @@ class FineTune(Algorithm):
         self.classifier: nn.Linear | None = None
 
     def prepare(self, data: TaskData) -> None:
-        """One output per meta-train class: the classifier of ordinary supervised training."""
-        self.class_index = {c: i for i, c in enumerate(sorted(data.splits["train"]))}
-        self.classifier = nn.Linear(self.encoder.dim, len(self.class_index))
+        """One output per meta-train class: the classifier of ordinary supervised training (the
+        verbalizer head needs none: the decoder scores label names)."""
+        self.inner.prepare(data)
+        if self.inner.verbalizer is None:
+            self.class_index = {c: i for i, c in enumerate(sorted(data.splits["train"]))}
+            self.classifier = nn.Linear(self.encoder.dim, len(self.class_index))
 
     def param_groups(self) -> list[dict]:
         return fresh_module_groups(self, [self.classifier], self.head_lr)
 
     def meta_loss(self, episodes: Sequence[Episode]) -> tuple[torch.Tensor, dict[str, float]]:
         """Cross-entropy over all meta-train classes on the episodes' examples, pooled into one
-        batch: the episode structure is only a source of labelled texts here."""
+        batch: the episode structure is only a source of labelled texts here. Under the
+        verbalizer head: cross-entropy over each episode's label names, the decoder unadapted
+        (prompt-based fine-tuning)."""
+        verbalizer = self.inner.verbalizer
+        if verbalizer is not None:
+            losses, correct, total = [], 0, 0
+            for ep in episodes:
+                for part in (ep.support, ep.query):
+                    logits = verbalizer(part)
+                    labels = part.labels.to(logits.device)
+                    losses.append(F.cross_entropy(logits, labels, reduction="sum"))
+                    correct += int((logits.argmax(-1) == labels).sum())
+                    total += len(labels)
+            loss = torch.stack(losses).sum() / total
+            return loss, {"loss": float(loss.detach()), "acc": correct / total}
         if self.classifier is None:
             raise RuntimeError("FineTune.prepare(data) must run before training")
         ids, labels = [], []

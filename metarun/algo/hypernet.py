@@ -35,7 +35,7 @@ def lora_pairs(model: nn.Module) -> list[tuple[str, str]]:
 class HyperNet(Algorithm):
     def __init__(
         self, encoder: Encoder, way: int, hidden: int, generate_lora: bool, lora_r: int,
-        lora_alpha: int, lora_targets: list[str], head_lr: float,
+        lora_alpha: int, head_lr: float,
     ) -> None:  # fmt: skip
         super().__init__(encoder, way)
         if hidden < 1:
@@ -48,7 +48,7 @@ class HyperNet(Algorithm):
         self.pairs: list[tuple[str, str]] = []
         self.lora_writer: nn.ModuleDict | None = None
         if generate_lora:
-            self.build_lora_writer(lora_r, lora_alpha, lora_targets, hidden)
+            self.build_lora_writer(lora_r, lora_alpha, encoder.lora_targets, hidden)
         self.feature_cache = not generate_lora
 
     def build_lora_writer(self, r: int, alpha: int, targets: list[str], hidden: int) -> None:

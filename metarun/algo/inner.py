@@ -1,4 +1,5 @@
-"""A functional inner loop: a linear head plus a declared subset of encoder parameters.
+"""A functional inner loop: a linear head plus a declared subset of encoder parameters, or, with
+the verbalizer head, a decoder's own label-name scores under its adapted weights.
 
 Adapted weights live in a dict passed to `torch.func.functional_call`; the module itself is
 never modified or copied. With `track=True` the adapted weights stay functions of the initial
@@ -15,13 +16,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metarun.algo.adapted import adapted_names, inject_lora, untied_input_embedding
+from metarun.algo.adapted import (
+    adapted_names,
+    inject_lora,
+    resolve_adapt,
+    untied_input_embedding,
+)
 from metarun.algo.base import upcast
+from metarun.algo.prompting import Verbalizer
 from metarun.algo.protonet import prototypes
 from metarun.algo.recompute import checkpointed_step
 from metarun.backbone import Encoder
 from metarun.errors import MetarunError
-from metarun.task import Examples
+from metarun.task import Examples, TaskData
 
 HEAD_INITS = ("zeros", "proto", "learned")
 INNER_OPTIMIZERS = ("sgd", "adam")
@@ -38,21 +45,39 @@ class Adapted:
 
 def build_inner_loop(
     encoder: Encoder, way: int, adapt: str, top_k: int, steps: int, eval_steps: int, lr: float,
-    learn_lr: bool, head_init: str, optimizer: str, lora: tuple[int, int, list[str]],
+    learn_lr: bool, head_init: str, optimizer: str, lora: tuple[int, int],
+    head: str = "linear", prompt: tuple[str, str, str, str] | None = None,
+    linear_default: str = "all",
 ) -> InnerLoop:  # fmt: skip
-    """The inner loop an algorithm's `adapt` options describe (injecting LoRA when asked)."""
+    """The inner loop an algorithm's `adapt` options describe (injecting LoRA when asked).
+    `prompt`: the verbalizer's (instruction, template, separator, score)."""
+    adapt = resolve_adapt(adapt, head, linear_default)
+    verbalizer = None
+    if head == "verbalizer":
+        if not encoder.causal_lm:
+            raise MetarunError(
+                f"algo.head=verbalizer scores label names with a decoder's LM head, and "
+                f"{encoder.name} is an encoder; use algo.head=linear, or a decoder backbone "
+                "(backbone=smollm2)"
+            )
+        verbalizer = Verbalizer(encoder, *(prompt or ()))
     if adapt == "lora":
-        inject_lora(encoder.model, *lora)
+        inject_lora(encoder.model, *lora, encoder.lora_targets)
     names = adapted_names(encoder.model, adapt, top_k)
-    return InnerLoop(encoder, way, names, steps, eval_steps, lr, learn_lr, head_init, optimizer)
+    if adapt != "head" and not names:
+        raise MetarunError(f"algo.adapt={adapt}: {encoder.name} has no such weights to adapt")
+    return InnerLoop(encoder, way, names, steps, eval_steps, lr, learn_lr, head_init, optimizer,
+                     verbalizer)  # fmt: skip
 
 
 class InnerLoop(nn.Module):
     def __init__(
         self, encoder: Encoder, way: int, names: list[str], steps: int, eval_steps: int,
         lr: float, learn_lr: bool, head_init: str, optimizer: str,
+        verbalizer: Verbalizer | None = None,
     ) -> None:  # fmt: skip
         super().__init__()
+        self.verbalizer = verbalizer
         if head_init not in HEAD_INITS:
             raise MetarunError(f"algo.head_init={head_init}; use one of {', '.join(HEAD_INITS)}")
         if optimizer not in INNER_OPTIMIZERS:
@@ -64,8 +89,9 @@ class InnerLoop(nn.Module):
         self.names, self.way, self.head_dim = names, way, encoder.dim
         # The input embedding table adapts only in the rows of the episode's tokens (the others
         # get zero gradient): the inner loop carries those rows, not the whole vocabulary.
+        # (Not under the verbalizer: its prompts hold tokens beyond the episode's texts.)
         table = untied_input_embedding(encoder.model)
-        self.table = f"model.{table}" if table in names else None
+        self.table = f"model.{table}" if table in names and verbalizer is None else None
         self.steps, self.eval_steps = steps, eval_steps
         self.head_init, self.optimizer = head_init, optimizer
         # One learning rate per adapted tensor and per training step (MAML++ "LSLR");
@@ -75,13 +101,18 @@ class InnerLoop(nn.Module):
             self.lrs = nn.Parameter(lrs)
         else:
             self.register_buffer("lrs", lrs)
-        if head_init == "learned":
+        if head_init == "learned" and verbalizer is None:
             self.head_weight = nn.Parameter(torch.randn(way, encoder.dim) * encoder.dim**-0.5)
             self.head_bias = nn.Parameter(torch.zeros(way))
 
     @property
     def adapts_encoder(self) -> bool:
         return bool(self.names)
+
+    def prepare(self, data: TaskData) -> None:
+        """The verbalizer reads every class's readable name."""
+        if self.verbalizer is not None:
+            self.verbalizer.label_names = dict(data.label_names)
 
     def init_head(self, feats: torch.Tensor | None, labels: torch.Tensor, way: int, like):
         """(weight, bias) of the head before adaptation; `like` gives zeros' device and dtype."""
@@ -130,13 +161,15 @@ class InnerLoop(nn.Module):
             # Unadapted support features: needed for a prototype head, and they are the
             # features of every step when only the head adapts (ANIL: computed once).
             feats0 = None
-            if not self.names or self.head_init == "proto":
+            linear = self.verbalizer is None
+            if linear and (not self.names or self.head_init == "proto"):
                 with torch.set_grad_enabled(track):
                     feats0 = encoder(support.ids)
-            weight, bias = self.init_head(feats0, labels, way, self.lrs)
-            if not track:
-                weight, bias = weight.detach().requires_grad_(), bias.detach().requires_grad_()
-            params |= dict(zip(HEAD, (weight, bias), strict=True))
+            if linear:
+                weight, bias = self.init_head(feats0, labels, way, self.lrs)
+                if not track:
+                    weight, bias = weight.detach().requires_grad_(), bias.detach().requires_grad_()
+                params |= dict(zip(HEAD, (weight, bias), strict=True))
             state: dict[str, torch.Tensor] = {}
             fixed = self.fixed_inputs(encoder, params) if checkpoint else {}
             loss = torch.tensor(float("nan"))
@@ -146,9 +179,11 @@ class InnerLoop(nn.Module):
                         encoder, support, labels, vocab, params, state, fixed, step
                     )
                     continue
-                reuse = not self.names and not recompute
-                feats = feats0 if reuse else self.features(encoder, support, params, vocab)
-                loss = F.cross_entropy(self.logits(feats, params), labels)
+                if not self.names and not recompute:  # head only: the features of step 0
+                    logits = self.logits(feats0, params)
+                else:
+                    logits = self.scores(encoder, support, params, vocab)
+                loss = F.cross_entropy(logits, labels)
                 params = self.update(params, loss, step, track, create_graph, state)
             if vocab is not None:  # the whole adapted table: any query token may appear
                 params[self.table] = table.index_copy(0, vocab, params[self.table])
@@ -156,7 +191,7 @@ class InnerLoop(nn.Module):
             params = {k: v.detach() for k, v in params.items()}
 
         def predict(query: Examples) -> torch.Tensor:
-            return self.logits(self.features(encoder, query, params), params)
+            return self.scores(encoder, query, params)
 
         return Adapted(params, float(loss.detach()), predict)
 
@@ -180,8 +215,7 @@ class InnerLoop(nn.Module):
         def run(inputs: dict[str, torch.Tensor], create_graph: bool):
             adapted = {k: inputs[k] for k in params}
             weights = adapted | {k: v for k, v in inputs.items() if k.startswith("model.")}
-            feats = self.features(encoder, support, weights, vocab)
-            loss = F.cross_entropy(self.logits(feats, adapted), labels)
+            loss = F.cross_entropy(self.scores(encoder, support, weights, vocab), labels)
             new_state = {k: inputs[k] for k in state}
             rates = inputs.get("lrs", self.lrs)
             new = self.update(adapted, loss, step, True, create_graph, new_state, rates)
@@ -190,13 +224,25 @@ class InnerLoop(nn.Module):
         out, loss = checkpointed_step(run, params | state | fixed)
         return {k: out[k] for k in params}, {k: v for k, v in out.items() if k not in params}, loss
 
+    def scores(
+        self, encoder: Encoder, examples: Examples, params: dict, vocab: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """[examples, way] logits: the linear head over (adapted) features, or the verbalizer's
+        label scores under the adapted decoder weights."""
+        if self.verbalizer is not None:
+            return self.verbalizer(examples, self.encoder_params(params))
+        return self.logits(self.features(encoder, examples, params, vocab), params)
+
+    @staticmethod
+    def encoder_params(params: dict) -> dict[str, torch.Tensor]:
+        return {k.removeprefix("model."): v for k, v in params.items() if k.startswith("model.")}
+
     def features(
         self, encoder: Encoder, examples: Examples, params: dict, vocab: torch.Tensor | None = None
     ) -> torch.Tensor:
         if not self.names:
             return encoder(examples.ids)  # head-only: the encoder's own features (cacheable)
-        enc = {k.removeprefix("model."): v for k, v in params.items() if k.startswith("model.")}
-        return encoder(examples.ids, params=enc, vocab=vocab)
+        return encoder(examples.ids, params=self.encoder_params(params), vocab=vocab)
 
     @staticmethod
     def logits(feats: torch.Tensor, params: dict) -> torch.Tensor:

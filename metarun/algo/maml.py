@@ -12,7 +12,7 @@ from metarun.algo.base import Algorithm, Predictor
 from metarun.algo.inner import build_inner_loop
 from metarun.backbone import Encoder, second_order_attention
 from metarun.errors import MetarunError
-from metarun.task import Examples
+from metarun.task import Examples, TaskData
 
 BACKENDS = ("func", "higher")
 
@@ -21,16 +21,17 @@ class MAML(Algorithm):
     def __init__(
         self, encoder: Encoder, way: int, adapt: str, top_k: int, inner_steps: int,
         eval_inner_steps: int, inner_lr: float, head_init: str, inner_optimizer: str,
-        lora_r: int, lora_alpha: int, lora_targets: list[str], first_order: bool,
-        learn_inner_lr: bool, reuse_features: bool, backend: str,
-        checkpoint_inner_steps: bool,
+        lora_r: int, lora_alpha: int, first_order: bool, learn_inner_lr: bool,
+        reuse_features: bool, backend: str, checkpoint_inner_steps: bool, head: str,
+        instruction: str, template: str, separator: str, score: str,
     ) -> None:  # fmt: skip
         super().__init__(encoder, way)
         if backend not in BACKENDS:
             raise MetarunError(f"algo.backend={backend}; use one of {', '.join(BACKENDS)}")
         self.inner = build_inner_loop(
             encoder, way, adapt, top_k, inner_steps, eval_inner_steps, inner_lr, learn_inner_lr,
-            head_init, inner_optimizer, (lora_r, lora_alpha, lora_targets),
+            head_init, inner_optimizer, (lora_r, lora_alpha), head,
+            (instruction, template, separator, score),
         )  # fmt: skip
         self.first_order, self.backend = first_order, backend
         if checkpoint_inner_steps and (first_order or backend != "func"):
@@ -46,6 +47,9 @@ class MAML(Algorithm):
             from metarun.algo.higher_backend import check_supported
 
             check_supported(self)
+
+    def prepare(self, data: TaskData) -> None:
+        self.inner.prepare(data)
 
     def adapt(self, support: Examples, way: int) -> Predictor:
         training = self.training

@@ -14,21 +14,26 @@ import torch
 from metarun.algo.base import Algorithm, Predictor
 from metarun.algo.inner import build_inner_loop
 from metarun.backbone import Encoder
-from metarun.task import Episode, Examples
+from metarun.task import Episode, Examples, TaskData
 
 
 class Reptile(Algorithm):
     def __init__(
         self, encoder: Encoder, way: int, adapt: str, top_k: int, inner_steps: int,
         eval_inner_steps: int, inner_lr: float, head_init: str, inner_optimizer: str,
-        lora_r: int, lora_alpha: int, lora_targets: list[str],
+        lora_r: int, lora_alpha: int, head: str, instruction: str, template: str,
+        separator: str, score: str,
     ) -> None:  # fmt: skip
         super().__init__(encoder, way)
         self.inner = build_inner_loop(
             encoder, way, adapt, top_k, inner_steps, eval_inner_steps, inner_lr, False,
-            head_init, inner_optimizer, (lora_r, lora_alpha, lora_targets),
+            head_init, inner_optimizer, (lora_r, lora_alpha), head,
+            (instruction, template, separator, score),
         )  # fmt: skip
         self.feature_cache = not self.inner.adapts_encoder
+
+    def prepare(self, data: TaskData) -> None:
+        self.inner.prepare(data)
 
     def initial(self, name: str) -> torch.Tensor | None:
         """The meta-parameter behind an adapted tensor, if the outer loop learns it."""

@@ -1,0 +1,294 @@
+"""Prompts for a decoder, and label scoring that encodes each shared piece once.
+
+Prompt-based methods score every label name as the continuation of a prompt: in-context learning
+(instruction, demonstrations, query), zero-shot prompting and the verbalizer head (instruction,
+text). Scoring each (prompt, label) sequence alone repeats the demonstrations for every query and
+every query for every label. Here a prompt is a tree: a `prefix` (instruction and
+demonstrations) shared by several `stems` (one per text), each followed by its `leaves` (label
+continuations). A tree is one stretch of a row; an attention mask lets each token see only its
+ancestors, and position ids continue along each branch, so every leaf is scored exactly as after
+its own full sequence, with each shared piece computed once. Unlike a key/value cache this is one
+ordinary forward: it takes adapted weights and carries gradients (MetaICL, MAML through LoRA).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from metarun.algo.base import upcast
+from metarun.backbone import Encoder
+from metarun.errors import MetarunError
+from metarun.packing import attention_mask, pack_rows
+from metarun.task import Examples
+from metarun.task.data import episode_label_names
+
+SCORES = ("sum", "mean")
+
+
+class PromptFormat:
+    """Instruction, demonstrations and texts as strings (`parse` inverts them; tests check)."""
+
+    def __init__(self, instruction: str, template: str, separator: str) -> None:
+        if template.count("{text}") != 1 or template.count("{label}") != 1:
+            raise MetarunError(f"algo.template={template!r} needs one {{text}} and one {{label}}")
+        if template.index("{text}") > template.index("{label}"):
+            raise MetarunError(f"algo.template={template!r}: {{text}} must come before {{label}}")
+        if not separator:
+            raise MetarunError("algo.separator must not be empty")
+        if re.search(r"\{(?!labels\})[^}]*\}", instruction):
+            raise MetarunError(f"algo.instruction={instruction!r}: {{labels}} is its only field")
+        self.instruction, self.template, self.separator = instruction, template, separator
+        head = template.split("{label}")[0]
+        self.query_head = head.rstrip()  # the label's leading space belongs to its continuation
+        self.gap = head[len(self.query_head) :]
+        pattern = re.escape(template).replace(r"\{text\}", "(.*?)").replace(r"\{label\}", "(.*)")
+        self._demo_re = re.compile(f"^{pattern}$", re.S)
+        query = re.escape(self.query_head).replace(r"\{text\}", "(.*)")
+        self._query_re = re.compile(f"^{query}$", re.S)
+
+    @staticmethod
+    def clean(text: str) -> str:
+        """One line, single spaces: a text can then never contain the separator."""
+        return " ".join(text.split())
+
+    def demo(self, text: str, label: str) -> str:
+        return self.template.format(text=self.clean(text), label=self.clean(label))
+
+    def prefix(self, names: Sequence[str], demos: Sequence[tuple[str, str]] = ()) -> str:
+        """What every text of an episode shares: the instruction, then the demonstrations."""
+        head = self.instruction.replace("{labels}", ", ".join(self.clean(n) for n in names))
+        return head + "".join(self.demo(t, lab) + self.separator for t, lab in demos)
+
+    def stem(self, text: str) -> str:
+        return self.query_head.format(text=self.clean(text))
+
+    def context(self, names: Sequence[str], demos: Sequence[tuple[str, str]], query: str) -> str:
+        return self.prefix(names, demos) + self.stem(query)
+
+    def continuation(self, label: str) -> str:
+        return self.gap + self.clean(label)
+
+    def parse(self, context: str, names: Sequence[str]) -> tuple[list[tuple[str, str]], str]:
+        """(demonstrations, query text) back from a context string."""
+        head = self.prefix(names)
+        if not context.startswith(head):
+            raise ValueError(f"not after the instruction {head!r}: {context!r}")
+        *parts, last = context[len(head) :].split(self.separator)
+        demos = []
+        for part in parts:
+            match = self._demo_re.match(part)
+            if match is None:
+                raise ValueError(f"not a demonstration: {part!r}")
+            demos.append((match.group(1), match.group(2)))
+        match = self._query_re.match(last)
+        if match is None:
+            raise ValueError(f"not a query: {last!r}")
+        return demos, match.group(1)
+
+
+@dataclass
+class Tree:
+    """Token ids of one prompt tree: a shared prefix, stems after it, leaves after each stem."""
+
+    prefix: list[int]
+    stems: list[list[int]]
+    leaves: list[list[list[int]]]  # leaves[i]: the continuations scored after stem i
+
+    def __len__(self) -> int:
+        return len(self.prefix) + sum(len(s) + sum(map(len, ls)) for s, ls in zip(
+            self.stems, self.leaves, strict=True))  # fmt: skip
+
+
+@dataclass
+class _Layout:
+    """Trees laid out in rows: per slot its token, position and branch ids, and per scored
+    token the slot that predicts it."""
+
+    tokens: list[int]
+    positions: list[int]
+    tree: list[int]  # which tree a slot belongs to (padding: a tree of its own)
+    stem: list[int]  # global stem id, -1 in a prefix
+    leaf: list[int]  # global leaf id, -1 outside leaves
+    predictor: list[int]  # per scored token: the slot whose output predicts it
+    target: list[int]  # per scored token: its token id
+    owner: list[int]  # per scored token: its global leaf id
+
+
+def _lay_out(trees: Sequence[Tree], rows: list[list[int]], width: int, pad: int) -> _Layout:
+    out = _Layout([], [], [], [], [], [], [], [])
+    stem_id = leaf_id = 0
+    first_leaf = [0]
+    for t in trees:  # global leaf ids follow (tree, stem, leaf) order whatever the rows
+        first_leaf.append(first_leaf[-1] + sum(len(ls) for ls in t.leaves))
+    stems_before = [0]
+    for t in trees:
+        stems_before.append(stems_before[-1] + len(t.stems))
+    for r, members in enumerate(rows):
+        for ti in members:
+            tree = trees[ti]
+            stem_id, leaf_id = stems_before[ti], first_leaf[ti]
+
+            def put(token: int, position: int, stem: int, leaf: int, ti: int = ti) -> int:
+                out.tokens.append(token), out.positions.append(position), out.tree.append(ti)
+                out.stem.append(stem), out.leaf.append(leaf)
+                return len(out.tokens) - 1
+
+            last = -1
+            for p, token in enumerate(tree.prefix):
+                last = put(token, p, -1, -1)
+            for stem, leaves in zip(tree.stems, tree.leaves, strict=True):
+                before = last
+                for p, token in enumerate(stem):
+                    before = put(token, len(tree.prefix) + p, stem_id, -1)
+                start = len(tree.prefix) + len(stem)
+                for leaf in leaves:
+                    if before < 0:
+                        raise MetarunError("a prompt must have at least one token before a label")
+                    prev = before
+                    for p, token in enumerate(leaf):
+                        slot = put(token, start + p, stem_id, leaf_id)
+                        out.predictor.append(prev), out.target.append(token)
+                        out.owner.append(leaf_id)
+                        prev = slot
+                    leaf_id += 1
+                stem_id += 1
+        while len(out.tokens) < (r + 1) * width:  # padding sees only itself
+            out.tokens.append(pad), out.positions.append(0), out.tree.append(-1 - len(out.tokens))
+            out.stem.append(-1), out.leaf.append(-1)
+    return out
+
+
+class PromptScorer:
+    """Summed log-probabilities of every leaf of prompt trees under a decoder (optionally with
+    adapted weights), in (tree, stem, leaf) order."""
+
+    def __init__(self, encoder: Encoder, max_tokens: int = 4096) -> None:
+        if not encoder.causal_lm:
+            raise MetarunError(f"prompt scoring needs a decoder backbone, not {encoder.name}")
+        self.encoder, self.max_tokens = encoder, max_tokens
+        config = encoder.model.config
+        self.max_positions = getattr(config, "n_positions", None) or getattr(
+            config, "max_position_embeddings", None
+        )
+
+    def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.encoder.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+    def check_length(self, trees: Sequence[Tree]) -> None:
+        longest = max(len(t.prefix) + len(s) + len(leaf) for t in trees
+                      for s, ls in zip(t.stems, t.leaves, strict=True) for leaf in ls)  # fmt: skip
+        if self.max_positions and longest > self.max_positions:
+            raise MetarunError(
+                f"a prompt has {longest} tokens but the decoder takes {self.max_positions}; "
+                "lower task.shots, task.way or backbone.max_length"
+            )
+
+    def logprobs(
+        self, trees: Sequence[Tree], params: dict | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed log-probability, token count) of every leaf."""
+        self.check_length(trees)
+        sizes = [len(t) for t in trees]
+        width = max(sizes)
+        rows = pack_rows(sizes, width)
+        per_forward = max(1, self.max_tokens // width)
+        n_leaves = sum(len(ls) for t in trees for ls in t.leaves)
+        device = self.encoder.tokens.device
+        dtype = torch.promote_types(next(self.encoder.model.parameters()).dtype, torch.float32)
+        sums = torch.zeros(n_leaves, device=device, dtype=dtype)
+        counts = torch.zeros(n_leaves, device=device, dtype=dtype)
+        for start in range(0, len(rows), per_forward):
+            part = rows[start : start + per_forward]
+            lp, owner = self._forward(trees, part, width, params)
+            sums = sums.index_add(0, owner, lp.to(sums.dtype))
+            counts = counts.index_add(0, owner, torch.ones_like(counts[owner]))
+        return sums, counts
+
+    def _forward(self, trees, rows, width, params) -> tuple[torch.Tensor, torch.Tensor]:
+        enc = self.encoder
+        device = enc.tokens.device
+        pad = enc.tokenizer.pad_token_id or 0
+        lay = _lay_out(trees, rows, width, pad)
+        shape = (len(rows), width)
+        ids = torch.tensor(lay.tokens, device=device).view(shape)
+        positions = torch.tensor(lay.positions, device=device).view(shape)
+        tree, stem, leaf = (torch.tensor(x, device=device).view(shape)
+                            for x in (lay.tree, lay.stem, lay.leaf))  # fmt: skip
+        sees = (
+            (tree[:, :, None] == tree[:, None, :])
+            & ((stem[:, None, :] == -1) | (stem[:, :, None] == stem[:, None, :]))
+            & ((leaf[:, None, :] == -1) | (leaf[:, :, None] == leaf[:, None, :]))
+            & torch.ones(width, width, dtype=torch.bool, device=device).tril()
+        )
+        eager = enc.model.config._attn_implementation == "eager"
+        dtype = next(enc.model.parameters()).dtype if eager else None
+        inputs = {"input_ids": ids, "position_ids": positions,
+                  "attention_mask": attention_mask(sees.unsqueeze(1), dtype)}  # fmt: skip
+        hidden = enc.hidden(inputs, params).reshape(-1, enc.model.config.hidden_size)
+        picked = hidden[torch.tensor(lay.predictor, device=device)]
+        logits = upcast(enc.lm_logits(picked, params))  # only where a label token is predicted
+        target = torch.tensor(lay.target, device=device)[:, None]
+        token_lp = logits.log_softmax(-1).gather(-1, target).squeeze(-1)
+        return token_lp, torch.tensor(lay.owner, device=device)
+
+
+def label_scores(sums: torch.Tensor, counts: torch.Tensor, score: str) -> torch.Tensor:
+    """A label's score from its tokens: their summed or mean log-probability."""
+    if score not in SCORES:
+        raise MetarunError(f"algo.score={score}; use one of {', '.join(SCORES)}")
+    return sums / counts if score == "mean" else sums
+
+
+def chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def score_matrix(
+    scorer: PromptScorer, prefix: list[int], stems: list[list[int]], leaves: list[list[int]],
+    per_tree: int, score: str, params: dict | None = None, shared: bool = True,
+) -> torch.Tensor:  # fmt: skip
+    """[stems, leaves] label scores: every stem followed by every leaf. `shared`: stems share
+    the prefix `per_tree` at a time; otherwise each (stem, leaf) pair is scored alone."""
+    if shared:
+        trees = [Tree(prefix, part, [leaves] * len(part)) for part in chunks(stems, per_tree)]
+    else:
+        trees = [Tree(prefix, [s], [[leaf]]) for s in stems for leaf in leaves]
+    sums, counts = scorer.logprobs(trees, params)
+    return label_scores(sums, counts, score).view(len(stems), len(leaves))
+
+
+def task_text(encoder: Encoder, text_id: int) -> str:
+    """The task's text, cut to backbone.max_length tokens like every other algorithm's."""
+    if int(encoder.lengths[text_id]) < encoder.max_length:
+        return encoder.texts[text_id]
+    row = encoder.tokens[text_id, : encoder.max_length]
+    return encoder.tokenizer.decode(row, skip_special_tokens=True)
+
+
+class Verbalizer:
+    """The verbalizer head: an example's class scores are the decoder's log-probabilities of
+    each label name after the instruction and the text (as zero-shot prompting reads them), so
+    adapting the decoder's weights on the support set adapts the classifier."""
+
+    def __init__(
+        self, encoder: Encoder, instruction: str, template: str, separator: str, score: str,
+        per_tree: int = 32,
+    ) -> None:  # fmt: skip
+        label_scores(torch.zeros(1), torch.ones(1), score)  # checks `score`
+        self.encoder, self.score, self.per_tree = encoder, score, per_tree
+        self.format = PromptFormat(instruction, template, separator)
+        self.scorer = PromptScorer(encoder)
+        self.label_names: dict[str, str] = {}
+
+    def __call__(self, examples: Examples, params: dict | None = None) -> torch.Tensor:
+        """[examples, way] class scores, with adapted decoder weights `params` if given."""
+        names = episode_label_names(self.label_names, examples.classes, "the verbalizer head")
+        fmt, tok = self.format, self.scorer.tokenize
+        stems = tok([fmt.stem(task_text(self.encoder, int(i))) for i in examples.ids])
+        leaves = tok([fmt.continuation(n) for n in names])
+        prefix = tok([fmt.prefix(names)])[0]
+        return score_matrix(self.scorer, prefix, stems, leaves, self.per_tree, self.score, params)

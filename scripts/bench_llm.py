@@ -1,0 +1,120 @@
+"""Decoder-LLM benchmarks: LoRA second-order MAML with the verbalizer head, with and without
+checkpointed inner steps, and in-context learning with and without shared-prefix scoring.
+
+    python scripts/bench_llm.py                        # CPU, backbone=smollm2 (offline)
+    python scripts/bench_llm.py --device cuda --precision bf16 \
+        --out benchmarks/results-llm-cuda.json
+    python scripts/bench_llm.py --backbone tiny-llama --steps 1 --warmup 0 --episodes 2  # smoke
+
+Each cell runs in a fresh process (scripts/bench.py's `run_cell`). Writes a JSON results file
+and the `bench-llm:<device>` block of docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench import SHAPE, hardware_overrides, log, machine, run_cell  # noqa: E402
+
+from benchmarks.tables import fmt, rate, replace_block  # noqa: E402
+
+VERBALIZER = ["algo=maml", "algo.head=verbalizer", "algo.adapt=lora", "backbone.trainable=none"]
+TRAIN = {
+    "maml-lora-verbalizer": VERBALIZER,
+    "maml-lora-verbalizer-ckpt": [*VERBALIZER, "algo.checkpoint_inner_steps=true"],
+    "fomaml-lora-verbalizer": ["algo=fomaml", *VERBALIZER[1:]],
+}
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    base = [*SHAPE, f"task.shots={args.shots}", *hardware_overrides(args),
+            f"backbone={args.backbone}"]  # fmt: skip
+    results: dict[str, Any] = {"train": {}, "icl": {}}
+    for label, overrides in TRAIN.items():
+        cell = run_cell("train", {"overrides": base + overrides, "warmup": args.warmup,
+                                  "steps": args.steps}, args.threads)  # fmt: skip
+        results["train"][label] = cell
+        log(f"{args.backbone}/{label}: {cell}")
+    cell = run_cell("icl", {"overrides": [*base, "algo=icl"], "episodes": args.episodes,
+                            "unshared": args.unshared}, args.threads)  # fmt: skip
+    results["icl"] = cell
+    log(f"{args.backbone}/icl: {cell}")
+    return results
+
+
+def render(payload: dict[str, Any]) -> str:
+    res, m = payload["results"], payload["machine"]
+    lines = [
+        f"{m['device']} ({m.get('gpu') or m['cpu']}, {m['threads']} threads), {m['precision']}, "
+        f"backbone={payload['backbone']}, 5-way {payload['shots']}-shot, 5 queries per class; "
+        f"`{payload['command']}`",
+        "",
+        "| LoRA MAML, verbalizer head | episodes/s | peak memory (MB) | GFLOPs per episode |",
+        "|---|---|---|---|",
+    ]
+    for label, cell in res["train"].items():
+        if "error" in cell:
+            lines.append(f"| {label} | failed: {cell['error'][:80]} | | |")
+            continue
+        lines.append(f"| {label} | {fmt(rate(cell), '.3f')} | {fmt(cell['peak_mb'], '.0f')} | "
+                     f"{fmt(cell['flops'] / cell['episodes'] / 1e9, '.0f')} |")  # fmt: skip
+    icl = res["icl"]
+    lines += ["", "| in-context learning | episodes | episodes/s | accuracy |", "|---|---|---|---|"]
+    if "error" in icl:
+        lines.append(f"| failed: {icl['error'][:80]} | | | |")
+    else:
+        for label, name in (("unshared", "each (query, label) alone"),
+                            ("shared", "shared prefix")):  # fmt: skip
+            c = icl[label]
+            lines.append(f"| {name} | {c['episodes']} | {c['episodes_per_second']:.3f} | "
+                         f"{100 * c['acc']:.1f} |")  # fmt: skip
+        speedup = icl["shared"]["episodes_per_second"] / icl["unshared"]["episodes_per_second"]
+        lines.append(f"\nShared-prefix scoring: {speedup:.1f}x the episodes/s.")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--backbone", default="smollm2")
+    p.add_argument("--shots", type=int, default=5)
+    p.add_argument("--steps", type=int, default=1, help="measured outer steps per cell")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--episodes", type=int, default=20, help="ICL episodes, shared prefix")
+    p.add_argument("--unshared", type=int, default=3, help="ICL episodes scored pair by pair")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results-llm-cpu.json")
+    p.add_argument("--markdown", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    started = time.time()
+    results = measure(args)
+    command = " ".join(
+        ["python scripts/bench_llm.py", *(argv if argv is not None else sys.argv[1:])]
+    )
+    payload = {"machine": machine(args), "command": command, "backbone": args.backbone,
+               "shots": args.shots, "steps": args.steps, "warmup": args.warmup,
+               "wall_seconds": time.time() - started, "results": results}  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    log(f"wrote {args.out}")
+    if args.markdown:
+        replace_block(args.markdown, f"bench-llm:{args.device}", render(payload))
+        log(f"updated {args.markdown}")
+
+
+if __name__ == "__main__":
+    main()
