@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.reference_higher import EncoderClassifier, ReferenceMAML
 from metarun.algo import build_algorithm
+from metarun.algo.adapted import inner_rate
 from metarun.backbone import Encoder, load_backbone
 from metarun.config import MetarunConfig, register_configs
 from metarun.evaluate import evaluate
@@ -196,7 +197,8 @@ def reference_cell(overrides: list[str], warmup: int, steps: int) -> dict[str, A
         head.bias.zero_()
     net = EncoderClassifier(encoder.model, head).to(device)
     ref = ReferenceMAML(net, encoder.tokenizer, encoder.max_length, cfg.algo.inner_steps,
-                        cfg.algo.inner_lr, typed.train.lr, typed.train.grad_clip)  # fmt: skip
+                        inner_rate(cfg.algo.inner_lr, "all", 1e-3), typed.train.lr,
+                        typed.train.grad_clip)  # fmt: skip
     texts = encoder.texts
     episodes = [
         ((([texts[i] for i in ep.support.ids], ep.support.labels)),

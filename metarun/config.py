@@ -131,7 +131,9 @@ class InnerLoopFields(PromptFields):
     top_k: int = 2  # with adapt=top_k: the last k transformer layers (and the head)
     inner_steps: int = 5
     eval_inner_steps: int = 10
-    inner_lr: float = 1e-3
+    # None: 0.1 when LoRA adapts (B starts at zero, its gradients are small), else 1e-3 (the
+    # weights of a pretrained model); see algo/adapted.py's `inner_rate`
+    inner_lr: float | None = None
     head_init: str = "proto"  # zeros | proto (Proto-MAML) | learned (meta-learned init)
     inner_optimizer: str = "sgd"  # sgd | adam
     lora_r: int = 8  # with adapt=lora: LoRA rank and scale (targets: backbone.lora_targets)
@@ -207,7 +209,7 @@ class FineTuneConfig(FreshModuleFields, PromptFields):
     lora_r: int = 8  # with adapt=lora
     lora_alpha: int = 16
     eval_steps: int = 50  # gradient steps on each episode's support set
-    eval_lr: float = 0.5
+    eval_lr: float | None = None  # None: 0.1 when LoRA adapts, else 0.5 (a zero head)
     inner_optimizer: str = "sgd"  # sgd | adam (the all-class classifier trains at head_lr)
 
 

@@ -32,7 +32,8 @@ from metarun.task.data import episode_label_names
 class FineTune(Algorithm):
     def __init__(
         self, encoder: Encoder, way: int, head: str, adapt: str, top_k: int, lora_r: int,
-        lora_alpha: int, eval_steps: int, eval_lr: float, inner_optimizer: str, head_lr: float,
+        lora_alpha: int, eval_steps: int, eval_lr: float | None, inner_optimizer: str,
+        head_lr: float,
         instruction: str, template: str, separator: str, score: str,
     ) -> None:  # fmt: skip
         super().__init__(encoder, way)
@@ -45,7 +46,7 @@ class FineTune(Algorithm):
         self.inner = build_inner_loop(
             encoder, way, adapt, top_k, 0, eval_steps, eval_lr, False, "zeros",
             inner_optimizer, (lora_r, lora_alpha), head,
-            (instruction, template, separator, score), linear_default="head",
+            (instruction, template, separator, score), linear_default="head", default_lr=0.5,
         )  # fmt: skip
         self.feature_cache = not self.inner.adapts_encoder
         self.head_lr = head_lr

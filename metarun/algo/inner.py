@@ -19,6 +19,7 @@ from torch import nn
 from metarun.algo.adapted import (
     adapted_names,
     inject_lora,
+    inner_rate,
     resolve_adapt,
     untied_input_embedding,
 )
@@ -44,14 +45,16 @@ class Adapted:
 
 
 def build_inner_loop(
-    encoder: Encoder, way: int, adapt: str, top_k: int, steps: int, eval_steps: int, lr: float,
-    learn_lr: bool, head_init: str, optimizer: str, lora: tuple[int, int],
+    encoder: Encoder, way: int, adapt: str, top_k: int, steps: int, eval_steps: int,
+    lr: float | None, learn_lr: bool, head_init: str, optimizer: str, lora: tuple[int, int],
     head: str = "linear", prompt: tuple[str, str, str, str] | None = None,
-    linear_default: str = "all",
+    linear_default: str = "all", default_lr: float = 1e-3,
 ) -> InnerLoop:  # fmt: skip
     """The inner loop an algorithm's `adapt` options describe (injecting LoRA when asked).
-    `prompt`: the verbalizer's (instruction, template, separator, score)."""
+    `prompt`: the verbalizer's (instruction, template, separator, score); `default_lr`: the
+    rate when `lr` is None and LoRA does not adapt."""
     adapt = resolve_adapt(adapt, head, linear_default)
+    lr = inner_rate(lr, adapt, default_lr)
     verbalizer = None
     if head == "verbalizer":
         if not encoder.causal_lm:

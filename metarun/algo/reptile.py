@@ -20,7 +20,7 @@ from metarun.task import Episode, Examples, TaskData
 class Reptile(Algorithm):
     def __init__(
         self, encoder: Encoder, way: int, adapt: str, top_k: int, inner_steps: int,
-        eval_inner_steps: int, inner_lr: float, head_init: str, inner_optimizer: str,
+        eval_inner_steps: int, inner_lr: float | None, head_init: str, inner_optimizer: str,
         lora_r: int, lora_alpha: int, head: str, instruction: str, template: str,
         separator: str, score: str,
     ) -> None:  # fmt: skip
