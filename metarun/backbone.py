@@ -84,6 +84,7 @@ class Encoder(nn.Module):
         self.packing = packing
         self.register_buffer("tokens", torch.zeros(0, 1, dtype=torch.long), persistent=False)
         self.register_buffer("lengths", torch.zeros(0, dtype=torch.long), persistent=False)
+        self._output_name: str | None = None  # a decoder's output layer weight, by name
         self._cache: torch.Tensor | None = None
         self._cache_row: torch.Tensor | None = None
 
@@ -236,8 +237,11 @@ class Encoder(nn.Module):
         head = self.model.get_output_embeddings()
         weight = head.weight
         if params:
-            name = next(n for n, p in self.model.named_parameters() if p is head.weight)
-            weight = params.get(name, weight)
+            if self._output_name is None:  # found once: the first name of the (tied) tensor
+                self._output_name = next(
+                    n for n, p in self.model.named_parameters() if p is head.weight
+                )
+            weight = params.get(self._output_name, weight)
         return torch.nn.functional.linear(hidden, weight, getattr(head, "bias", None))
 
     def _hidden_math(self, inputs: dict, params: dict | None) -> torch.Tensor:

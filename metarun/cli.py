@@ -50,6 +50,8 @@ def _app(cfg: DictConfig) -> float:
     except MetarunError as err:  # exit here: a re-raise would make Hydra print a second line
         job = f"[job {hc.job.num}: {','.join(hc.overrides.task)}] " if group else ""
         _fail(f"{job}{err}", getattr(err, "exit_code", 2))
+    except OmegaConfBaseException as err:  # a resolver failed: e.g. a model package is missing
+        _fail(one_line(err))
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:

@@ -94,3 +94,28 @@ def test_bench_smoke_on_the_tiny_backbone(tmp_path):
     text = md.read_text()
     assert "Hand-written analysis stays." in text and "<!-- bench:cpu:begin -->" in text
     assert "MAML speed >= 1.5x the higher reference" in text and "| protonet |" in text
+
+
+@pytest.mark.slow
+def test_llm_bench_smoke_on_a_tiny_llama(tmp_path):
+    """scripts/bench_llm.py end to end: the verbalizer MAML cells and the ICL cell, whose two
+    scoring paths give one accuracy (the same scores up to rounding)."""
+    out, md = tmp_path / "results.json", tmp_path / "BENCHMARKS.md"
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench_llm.py", "--backbone", "tiny-llama", "--steps", "1",
+         "--warmup", "0", "--episodes", "3", "--unshared", "3", "--out", str(out),
+         "--markdown", str(md)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())["results"]
+    for label, cell in res["train"].items():
+        assert "error" not in cell, (label, cell)
+        assert cell["episodes"] == 2 and cell["seconds"] > 0 and cell["peak_mb"] > 0
+    # Checkpointed inner steps recompute each step: more FLOPs for the same meta-gradient.
+    plain, ckpt = res["train"]["maml-lora-verbalizer"], res["train"]["maml-lora-verbalizer-ckpt"]
+    assert ckpt["flops"] > plain["flops"]
+    icl = res["icl"]
+    assert icl["shared"]["episodes"] == icl["unshared"]["episodes"] == 3
+    assert icl["shared"]["acc"] == icl["unshared"]["acc"]
+    assert "<!-- bench-llm:cpu:begin -->" in md.read_text()

@@ -212,3 +212,11 @@ def test_smollm2_loads_offline_from_its_gguf_file(compose_cfg):
     with torch.no_grad():
         feats = encoder(torch.tensor([0, 1]))
     assert feats.shape == (2, 576) and torch.isfinite(feats).all()
+
+
+def test_a_missing_model_package_is_one_line_from_the_cli(tmp_path):
+    proc = metarun("backbone=tiny-llama", "backbone.path=${pkg_dir:llm_not_there}",
+                   "train.steps=0", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install llm-not-there" in lines[0], proc.stderr
