@@ -85,7 +85,7 @@ def render(payload: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backbone", default="smollm2")
-    p.add_argument("--shots", type=int, default=5)
+    p.add_argument("--shots", type=int, default=1)
     p.add_argument("--steps", type=int, default=1, help="measured outer steps per cell")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--episodes", type=int, default=20, help="ICL episodes, shared prefix")
