@@ -162,6 +162,17 @@ def parameter_count(encoder: Encoder) -> int:
     return sum(p.numel() for p in encoder.model.parameters())
 
 
+def build_for_eval(overrides: list[str], episodes: int):
+    """(device, autocast, encoder, prepared algorithm, the first `episodes` test episodes)."""
+    typed, cfg, device, autocast, data, encoder = build(overrides)
+    algo = build_algorithm(cfg.algo, encoder, typed.task.way).to(device)
+    algo.prepare(data)
+    task = typed.task
+    test = fixed_episodes(data.splits["test"], task.way, task.shots, task.queries, episodes,
+                          task.eval_seed, "test")  # fmt: skip
+    return device, autocast, encoder, algo, test
+
+
 # ---------------------------------------------------------------- cells
 
 
@@ -233,12 +244,7 @@ def matmul_peak_cell(device_name: str, precision: str, n: int, repeats: int) -> 
 def eval_cell(overrides: list[str], episodes: int, uncached: int) -> dict[str, Any]:
     """A frozen encoder's evaluation over `episodes` fixed test episodes against one encoding
     pass over their distinct texts (length-sorted batches, the fastest plain pass)."""
-    typed, cfg, device, autocast, data, encoder = build(overrides)
-    algo = build_algorithm(cfg.algo, encoder, typed.task.way).to(device)
-    algo.prepare(data)
-    task = typed.task
-    test = fixed_episodes(data.splits["test"], task.way, task.shots, task.queries, episodes,
-                          task.eval_seed, "test")  # fmt: skip
+    device, autocast, encoder, algo, test = build_for_eval(overrides, episodes)
     ids = torch.unique(torch.cat([ep.text_ids() for ep in test]))
     ids = ids[torch.argsort(encoder.lengths[ids.to(encoder.lengths.device)].cpu())]
     with torch.no_grad(), autocast():
@@ -268,17 +274,12 @@ def icl_cell(overrides: list[str], episodes: int, unshared: int) -> dict[str, An
     """In-context learning's test episodes per second with the demonstrations shared by every
     query and each query by every label (algo/prompting.py), against each (query, label)
     sequence scored alone on the first `unshared` of the same episodes; their scores agree."""
-    typed, cfg, device, autocast, data, encoder = build(overrides)
-    algo = build_algorithm(cfg.algo, encoder, typed.task.way).to(device)
-    algo.prepare(data)
-    task = typed.task
-    test = fixed_episodes(data.splits["test"], task.way, task.shots, task.queries, episodes,
-                          task.eval_seed, "test")  # fmt: skip
+    device, autocast, encoder, algo, test = build_for_eval(overrides, episodes)
     out: dict[str, Any] = {"device": str(device), "params": parameter_count(encoder)}
     for label, shared, n in (("shared", True, episodes), ("unshared", False, unshared)):
         algo.shared_prefix = shared
         with torch.no_grad(), autocast():
-            algo.eval().adapt(test[0].support, task.way)(test[0].query)  # warm-up
+            algo.eval().adapt(test[0].support, test[0].way)(test[0].query)  # warm-up
         sync(device)
         start = time.perf_counter()
         result = evaluate(algo, test[:n], autocast)

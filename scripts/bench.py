@@ -161,6 +161,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def write(args: argparse.Namespace, payload: dict[str, Any], block: str, markdown: str) -> None:
+    """The results file, and the generated `block` of the markdown page (prose kept)."""
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    log(f"wrote {args.out}")
+    if args.markdown:
+        replace_block(args.markdown, block, markdown)
+        log(f"updated {args.markdown}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     started = time.time()
@@ -169,12 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     payload = {"machine": machine(args), "command": command, "steps": args.steps,
                "warmup": args.warmup, "wall_seconds": time.time() - started,
                "results": results}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
-    log(f"wrote {args.out}")
-    if args.markdown:
-        replace_block(args.markdown, f"bench:{args.device}", render(payload))
-        log(f"updated {args.markdown}")
+    write(args, payload, f"bench:{args.device}", render(payload))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ and the `bench-llm:<device>` block of docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,9 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench import SHAPE, hardware_overrides, log, machine, run_cell  # noqa: E402
+from bench import SHAPE, hardware_overrides, log, machine, run_cell, write  # noqa: E402
 
-from benchmarks.tables import fmt, rate, replace_block  # noqa: E402
+from benchmarks.tables import fmt, rate  # noqa: E402
 
 VERBALIZER = ["algo=maml", "algo.head=verbalizer", "algo.adapt=lora", "backbone.trainable=none"]
 TRAIN = {
@@ -108,12 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     payload = {"machine": machine(args), "command": command, "backbone": args.backbone,
                "shots": args.shots, "steps": args.steps, "warmup": args.warmup,
                "wall_seconds": time.time() - started, "results": results}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=2) + "\n")
-    log(f"wrote {args.out}")
-    if args.markdown:
-        replace_block(args.markdown, f"bench-llm:{args.device}", render(payload))
-        log(f"updated {args.markdown}")
+    write(args, payload, f"bench-llm:{args.device}", render(payload))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from metarun.errors import MetarunError
 from metarun.evaluate import evaluate
 from metarun.task import EpisodeSampler, fixed_episodes
 
+from .grad_helpers import check_against_finite_differences, meta_grads
+
 
 @pytest.fixture
 def make(compose_cfg, synthetic_task):
@@ -41,13 +43,6 @@ def episodes(synthetic_task):
     return fixed_episodes(synthetic_task.splits["train"], 3, 2, 3, 2, 0, "train")
 
 
-def meta_grads(algo, episodes) -> dict[str, torch.Tensor]:
-    algo.zero_grad()
-    loss, _ = algo.meta_loss(episodes)
-    loss.backward()
-    return {n: p.grad.clone() for n, p in algo.named_parameters() if p.grad is not None}
-
-
 def assert_same(a: dict, b: dict, atol: float) -> None:
     assert a.keys() == b.keys() and a
     for name in a:
@@ -57,25 +52,7 @@ def assert_same(a: dict, b: dict, atol: float) -> None:
 def test_second_order_meta_gradient_matches_finite_differences(make, episodes):
     algo = make("algo=maml", "algo.adapt=top_k", "algo.top_k=1", "algo.inner_steps=2",
                 "algo.inner_lr=0.5", dtype=torch.float64)  # fmt: skip
-    grads = meta_grads(algo, episodes)
-    params = dict(algo.named_parameters())
-    gen = torch.Generator().manual_seed(0)
-    direction = {n: torch.randn(g.shape, generator=gen, dtype=g.dtype) for n, g in grads.items()}
-    analytic = sum((grads[n] * d).sum() for n, d in direction.items())
-
-    def loss_at(scale: float) -> float:
-        with torch.no_grad():
-            for n, d in direction.items():
-                params[n].add_(scale * d)
-        loss = float(algo.meta_loss(episodes)[0].detach())
-        with torch.no_grad():
-            for n, d in direction.items():
-                params[n].sub_(scale * d)
-        return loss
-
-    eps = 1e-5
-    numeric = (loss_at(eps) - loss_at(-eps)) / (2 * eps)
-    assert abs(float(analytic) - numeric) < 1e-6 * max(1.0, abs(numeric))
+    grads = check_against_finite_differences(algo, episodes, eps=1e-5)
     first = make("algo=fomaml", "algo.adapt=top_k", "algo.top_k=1", "algo.inner_steps=2",
                  "algo.inner_lr=0.5", dtype=torch.float64)  # fmt: skip
     fo = meta_grads(first, episodes)
