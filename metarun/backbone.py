@@ -84,7 +84,9 @@ class Encoder(nn.Module):
         self.packing = packing
         self.register_buffer("tokens", torch.zeros(0, 1, dtype=torch.long), persistent=False)
         self.register_buffer("lengths", torch.zeros(0, dtype=torch.long), persistent=False)
-        self._output_name: str | None = None  # a decoder's output layer weight, by name
+        # A decoder's output-layer weight by its name in `params` (the first name of a tied
+        # tensor: the input embedding's, when they share it)
+        self.output_name = self._output_weight_name() if causal_lm else None
         self._cache: torch.Tensor | None = None
         self._cache_row: torch.Tensor | None = None
 
@@ -127,14 +129,20 @@ class Encoder(nn.Module):
         """Texts `ids` packed into rows without padding (see metarun/packing.py)."""
         ids = ids.to(self.tokens.device)
         lengths = self.lengths[ids]
-        eager = self.model.config._attn_implementation == "eager"
-        dtype = next(self.model.parameters()).dtype if eager else None
         pad = self.tokenizer.pad_token_id or 0
         tokens = self.tokens[ids, : int(lengths.max())]
+        dtype = self.additive_mask_dtype()
         packed = pack(tokens, lengths, pad, self.pack_start, dtype, causal=self.causal_lm)
         if vocab is not None:
             packed.inputs["input_ids"] = torch.searchsorted(vocab, packed.inputs["input_ids"])
         return packed
+
+    def additive_mask_dtype(self) -> torch.dtype | None:
+        """The dtype of an additive 4D mask where attention is eager; None where it takes a
+        boolean one (SDPA)."""
+        if self.model.config._attn_implementation != "eager":
+            return None
+        return next(self.model.parameters()).dtype
 
     def local_vocab(self, ids: torch.Tensor) -> torch.Tensor:
         """The sorted distinct token ids of texts `ids`, plus 0..padding_idx so that the
@@ -235,14 +243,12 @@ class Encoder(nn.Module):
         """A decoder's next-token logits from hidden states, with the output layer's adapted
         weight when `params` has it (a tied table adapted as the input embedding, say)."""
         head = self.model.get_output_embeddings()
-        weight = head.weight
-        if params:
-            if self._output_name is None:  # found once: the first name of the (tied) tensor
-                self._output_name = next(
-                    n for n, p in self.model.named_parameters() if p is head.weight
-                )
-            weight = params.get(self._output_name, weight)
+        weight = params.get(self.output_name, head.weight) if params else head.weight
         return torch.nn.functional.linear(hidden, weight, getattr(head, "bias", None))
+
+    def _output_weight_name(self) -> str:
+        weight = self.model.get_output_embeddings().weight
+        return next(n for n, p in self.model.named_parameters() if p is weight)
 
     def _hidden_math(self, inputs: dict, params: dict | None) -> torch.Tensor:
         """The checkpointed forward. Recomputation happens during backward, outside any caller's
@@ -318,7 +324,7 @@ def load_backbone(cfg: BackboneConfig) -> Encoder:
     model, tokenizer = load_pretrained(cfg)
     model = model.to(DTYPES[cfg.dtype])
     set_trainable(model, cfg.trainable, cfg.top_k)
-    name = Path(cfg.gguf_file or cfg.path).stem if cfg.gguf_file else Path(cfg.path).name
+    name = Path(cfg.gguf_file).stem if cfg.gguf_file else Path(cfg.path).name
     name = f"random {model.config.model_type}" if cfg.random_init else name
     return Encoder(model, tokenizer, cfg.pooling, cfg.max_length, cfg.gradient_checkpointing,
                    cfg.causal_lm, name, cfg.length_buckets, cfg.packing,

@@ -20,8 +20,8 @@ from metarun.algo.prompting import (
     PromptFormat,
     PromptScorer,
     Tree,
+    check_score,
     chunks,
-    label_scores,
     score_matrix,
     task_text,
 )
@@ -43,7 +43,7 @@ class InContext(Algorithm):
         loss: str,
     ) -> None:  # fmt: skip
         super().__init__(encoder, way)
-        label_scores(torch.zeros(1), torch.ones(1), score)  # checks `score`
+        check_score(score)
         if loss not in LOSSES:
             raise MetarunError(f"algo.loss={loss}; use one of {', '.join(LOSSES)}")
         if batch_size < 1:

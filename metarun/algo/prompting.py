@@ -120,7 +120,6 @@ class _Layout:
 
 def _lay_out(trees: Sequence[Tree], rows: list[list[int]], width: int, pad: int) -> _Layout:
     out = _Layout([], [], [], [], [], [], [], [])
-    stem_id = leaf_id = 0
     first_leaf = [0]
     for t in trees:  # global leaf ids follow (tree, stem, leaf) order whatever the rows
         first_leaf.append(first_leaf[-1] + sum(len(ls) for ls in t.leaves))
@@ -224,10 +223,8 @@ class PromptScorer:
             & ((leaf[:, None, :] == -1) | (leaf[:, :, None] == leaf[:, None, :]))
             & torch.ones(width, width, dtype=torch.bool, device=device).tril()
         )
-        eager = enc.model.config._attn_implementation == "eager"
-        dtype = next(enc.model.parameters()).dtype if eager else None
-        inputs = {"input_ids": ids, "position_ids": positions,
-                  "attention_mask": attention_mask(sees.unsqueeze(1), dtype)}  # fmt: skip
+        mask = attention_mask(sees.unsqueeze(1), enc.additive_mask_dtype())
+        inputs = {"input_ids": ids, "position_ids": positions, "attention_mask": mask}
         hidden = enc.hidden(inputs, params).reshape(-1, enc.model.config.hidden_size)
         picked = hidden[torch.tensor(lay.predictor, device=device)]
         logits = upcast(enc.lm_logits(picked, params))  # only where a label token is predicted
@@ -236,10 +233,14 @@ class PromptScorer:
         return token_lp, torch.tensor(lay.owner, device=device)
 
 
-def label_scores(sums: torch.Tensor, counts: torch.Tensor, score: str) -> torch.Tensor:
-    """A label's score from its tokens: their summed or mean log-probability."""
+def check_score(score: str) -> None:
     if score not in SCORES:
         raise MetarunError(f"algo.score={score}; use one of {', '.join(SCORES)}")
+
+
+def label_scores(sums: torch.Tensor, counts: torch.Tensor, score: str) -> torch.Tensor:
+    """A label's score from its tokens: their summed or mean log-probability."""
+    check_score(score)
     return sums / counts if score == "mean" else sums
 
 
@@ -278,7 +279,7 @@ class Verbalizer:
         self, encoder: Encoder, instruction: str, template: str, separator: str, score: str,
         per_tree: int = 32,
     ) -> None:  # fmt: skip
-        label_scores(torch.zeros(1), torch.ones(1), score)  # checks `score`
+        check_score(score)
         self.encoder, self.score, self.per_tree = encoder, score, per_tree
         self.format = PromptFormat(instruction, template, separator)
         self.scorer = PromptScorer(encoder)
