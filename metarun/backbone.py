@@ -72,6 +72,7 @@ class Encoder(nn.Module):
         self.tokenizer = tokenizer
         self.pooling = pooling
         self.max_length = max_length
+        self.truncated_fraction = 0.0  # of the texts given to set_texts, cut at max_length
         if packing not in PACKING:
             raise MetarunError(f"backbone.packing={packing}; use one of {', '.join(PACKING)}")
         # Where each packed text's position ids start; None: this model cannot be packed.
@@ -112,6 +113,9 @@ class Encoder(nn.Module):
         device = self.tokens.device
         self.tokens = enc["input_ids"].to(device)
         self.lengths = enc["attention_mask"].sum(1).to(device)
+        full = self.tokenizer(self.texts, add_special_tokens=not self.causal_lm, return_length=True)
+        cut = sum(n > self.max_length for n in full["length"])
+        self.truncated_fraction = cut / max(len(self.texts), 1)
 
     def batch(self, ids: torch.Tensor, vocab: torch.Tensor | None = None) -> dict:
         """Model inputs of texts `ids`, padded to the longest; with `vocab` (sorted token ids,

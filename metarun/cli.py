@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -17,8 +18,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
+from metarun.checks import schema_fields, unknown_key_message
 from metarun.config import register_configs
-from metarun.errors import MetarunError
+from metarun.errors import MetarunError, RunInterrupted
+from metarun.rundir import os_error_message
 
 log = logging.getLogger("metarun")
 
@@ -35,6 +38,9 @@ def _quiet_libraries() -> None:
     datasets.logging.set_verbosity_error()
 
 
+FAILED: list[str] = []  # a multirun's failed jobs, listed when the sweep ends
+
+
 @hydra.main(version_base="1.3", config_path="pkg://metarun.conf", config_name="config")
 def _app(cfg: DictConfig) -> float:
     from metarun.experiment import run
@@ -45,13 +51,23 @@ def _app(cfg: DictConfig) -> float:
     choices = {
         k: str(v) for k, v in hc.runtime.choices.items() if not k.startswith(("hydra", "schema"))
     }
+    job = f"[job {hc.job.num}: {','.join(hc.overrides.task)}] " if group else ""
     try:
         return run(cfg, run_dir, choices, group)
-    except MetarunError as err:  # exit here: a re-raise would make Hydra print a second line
-        job = f"[job {hc.job.num}: {','.join(hc.overrides.task)}] " if group else ""
-        _fail(f"{job}{err}", getattr(err, "exit_code", 2))
-    except OmegaConfBaseException as err:  # a resolver failed: e.g. a model package is missing
-        _fail(one_line(err))
+    except RunInterrupted as err:  # Ctrl-C stops a sweep too
+        _fail(f"{job}{err}", err.exit_code)
+    except (MetarunError, OmegaConfBaseException) as err:
+        message = str(err) if isinstance(err, MetarunError) else one_line(err)
+        if group is None:  # exit here: a re-raise would make Hydra print a second line
+            _fail(message)
+        print(f"metarun: error: {job}{message}", file=sys.stderr)
+    except Exception as err:  # a bug: one job's traceback must not end the sweep
+        if group is None:
+            raise
+        print(f"metarun: error: {job}{type(err).__name__}: {err} (traceback in "
+              f"{run_dir / 'metarun.log'})", file=sys.stderr)  # fmt: skip
+    FAILED.append(f"job {hc.job.num} ({run_dir})")
+    return float("nan")
 
 
 def _fail(message: str, code: int = 2) -> NoReturn:
@@ -62,23 +78,32 @@ def _fail(message: str, code: int = 2) -> NoReturn:
 def _placement_overrides(argv: list[str]) -> list[str]:
     """Overrides metarun adds to the command line before Hydra reads it.
 
-    - `train.resume=<dir>`: Hydra's own files and log for this invocation go to that folder
-      too, so a resumed run stays one folder.
+    - `run_dir=<dir>` or `train.resume=<dir>`: that folder is Hydra's output folder too, so a
+      run stays one folder.
     - Under torchrun, processes other than rank 0 keep no Hydra folder or log file: rank 0
       owns the run folder (its path is broadcast to the others).
     """
     extra: list[str] = []
-    given = {a.split("=", 1)[0].lstrip("+") for a in argv if "=" in a}
-    resume = next((a.split("=", 1)[1] for a in argv if a.startswith("train.resume=")), None)
-    if resume and "hydra.run.dir" not in given and not {"-m", "--multirun"} & set(argv):
-        extra.append(f"hydra.run.dir={resume}")
+    given = {a.split("=", 1)[0].lstrip("+~") for a in argv if "=" in a}
+    multirun = bool({"-m", "--multirun"} & set(argv))
+    folder = next((a.split("=", 1)[1] for a in argv
+                   if a.startswith(("run_dir=", "train.resume="))), None)  # fmt: skip
+    if folder and "hydra.run.dir" not in given and not multirun:
+        extra.append(f"hydra.run.dir={folder}")
     rank = int(os.environ.get("RANK", "0"))
     if rank > 0:
         scratch = Path(tempfile.gettempdir()) / f"metarun_rank{rank}_{os.getpid()}"
-        extra += [f"hydra.run.dir={scratch}", "hydra.output_subdir=null",
-                  "hydra/job_logging=stdout"]  # fmt: skip
+        extra += [f"hydra.run.dir={scratch}", "hydra/job_logging=stdout"]
         logging.getLogger("metarun").setLevel(logging.WARNING)
     return extra
+
+
+def with_overrides(argv: list[str], extra: list[str]) -> list[str]:
+    """`extra` beside the command's own overrides: argparse reads overrides as one run of
+    positional arguments, so `task=x --cfg job y=1` would be refused."""
+    given = [i for i, a in enumerate(argv) if "=" in a and not a.startswith("-")]
+    at = given[-1] + 1 if given else len(argv)
+    return argv[:at] + extra + argv[at:]
 
 
 _NOISE = ("Config search path", "Set the environment variable HYDRA_FULL_ERROR")
@@ -98,7 +123,9 @@ def one_line(err: BaseException) -> str:
             elif line and not line.startswith(_DETAIL) and line not in sentences:
                 sentences.append(line)
     text = " ".join(s if s.endswith((".", ":")) else s + "." for s in sentences)
-    if "Could not override" in text and {"-m", "--multirun"} & set(sys.argv):
+    swept = "Could not override" in text and {"-m", "--multirun"} & set(sys.argv)
+    text = _misspelt_key(text) or text
+    if swept:
         text += (
             " In a multirun, keys of a swept group are first checked against its default "
             "option: force them with ++key=value."
@@ -106,11 +133,22 @@ def one_line(err: BaseException) -> str:
     return text
 
 
+def _misspelt_key(text: str) -> str | None:
+    """Hydra answers a misspelt key with "use +key=value", which would run with the typo
+    ignored; name the closest real key instead."""
+    found = re.search(r"(?:override|Could not append to config) '([\w.]+)'", text)
+    schema = re.search(r"Key '\w+' not in '(\w+)'", text)
+    fields = schema_fields(schema.group(1)) if schema else None
+    if not (found and fields):
+        return None
+    return unknown_key_message(found.group(1).lstrip("+~"), fields)
+
+
 def main() -> None:
     """Entry point; a mistake in the command line or config ends in one line and exit code 2."""
     register_configs()
     _quiet_libraries()
-    sys.argv += _placement_overrides(sys.argv[1:])
+    sys.argv[1:] = with_overrides(sys.argv[1:], _placement_overrides(sys.argv[1:]))
     if os.environ.get("HYDRA_FULL_ERROR"):  # the user asked for Hydra's full traces
         _app()
         return
@@ -121,6 +159,14 @@ def main() -> None:
         _fail(str(err), getattr(err, "exit_code", 2))
     except (HydraException, OmegaConfBaseException) as err:
         _fail(one_line(err))
+    except OSError as err:  # Hydra could not create the output folder
+        message = os_error_message(err)
+        if message is None:
+            raise
+        _fail(message)
+    if FAILED:
+        _fail(f"{len(FAILED)} job(s) of the sweep failed (each one's summary.json and "
+              f"metarun.log say why): {'; '.join(FAILED)}", 1)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -50,6 +50,8 @@ class TaskConfig:
     hub_config: str | None = None  # HF dataset configuration name, when path is a hub id
     text_column: str = "text"
     label_column: str = "label"
+    encoding: str = "utf-8"  # of the data files (a UTF-8 byte-order mark is accepted)
+    on_invalid_rows: str = "error"  # rows missing a text or label: error | drop (counted)
     class_split: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])  # train/val/test
     split_seed: int = 0  # fixes the class split when none is published; never the run seed
     way: int = 5
@@ -249,6 +251,9 @@ class MetarunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     seed: int = 0  # model init, training episodes, dropout; never class splits or eval episodes
     run_dir: str | None = None  # defaults to Hydra's output folder
+    # A run_dir holding another run: auto resumes its last.pt, and refuses a folder with a
+    # finished or broken run's files; overwrite deletes them and starts afresh
+    run_dir_mode: str = "auto"
 
 
 ALGO_SCHEMAS: dict[str, type] = {

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import resource
 import time
@@ -19,8 +20,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from metarun.algo import build_algorithm
-from metarun.backbone import load_backbone
+from metarun.algo import algorithm_class, algorithm_kwargs, build_algorithm
+from metarun.backbone import Encoder, load_backbone
+from metarun.checks import check_config
 from metarun.config import HardwareConfig, MetarunConfig
 from metarun.distributed import Dist, init_distributed, shutdown
 from metarun.errors import MetarunError, RunInterrupted
@@ -28,6 +30,17 @@ from metarun.evaluate import evaluate
 from metarun.logger import JsonlSink, Logger, StdoutSink, WandbSink
 from metarun.record import git_commit, load_checkpoint, versions, write_json
 from metarun.resume import STATE_FILE, check_same_run, trim_metrics
+from metarun.rundir import (
+    RUN_FILES,
+    attach_log,
+    claim,
+    clear,
+    detach_log,
+    file_log,
+    os_error_message,
+    remove_stale_tmp,
+    write_hydra_files,
+)
 from metarun.task import (
     STREAM,
     EpisodeSampler,
@@ -40,6 +53,7 @@ from metarun.trainer import Trainer
 
 log = logging.getLogger("metarun")
 PRECISIONS = ("fp32", "bf16")
+TRUNCATION_WARNING = 0.05
 
 
 def setup_hardware(hw: HardwareConfig) -> tuple[torch.device, Callable, Dist]:
@@ -109,7 +123,7 @@ def make_episodes(data: TaskData, cfg: MetarunConfig) -> tuple[EpisodeSampler, l
     return sampler, val, test
 
 
-def run_facts(cfg: MetarunConfig, data: TaskData, device: torch.device) -> dict[str, Any]:
+def run_facts(cfg: MetarunConfig, data: TaskData | None, device: torch.device) -> dict[str, Any]:
     task = cfg.task
     return {
         "way": task.way,
@@ -117,71 +131,104 @@ def run_facts(cfg: MetarunConfig, data: TaskData, device: torch.device) -> dict[
         "queries": task.queries,
         "seeds": {"seed": cfg.seed, "eval_seed": task.eval_seed, "split_seed": task.split_seed,
                   "split": task.split},
-        "data": data.summary(),
+        "data": data.summary() if data is not None else None,
         "device": str(device),
     }  # fmt: skip
 
 
-def prepare_run_dir(
-    run_dir: Path, typed: MetarunConfig, resolved: dict, dist: Dist
-) -> dict[str, Any] | None:
-    """Create the run folder, or find the state of the run it holds (resume); main process
-    only writes. Returns the saved state to resume from, if any."""
-    state_path = run_dir / STATE_FILE
-    state = None
-    if state_path.is_file():
-        check_same_run(run_dir, resolved)
-        state = load_checkpoint(state_path)
-        if dist.main:
-            trim_metrics(run_dir / "metrics.jsonl", state["step"])
-    elif typed.train.resume:
-        raise MetarunError(
-            f"train.resume={typed.train.resume}: there is no {STATE_FILE} in it to resume from"
-        )
-    if dist.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
-    return state
+def check_before_loading(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> None:
+    """Keys, value ranges and the algorithm class, before any data, model or file; a fresh
+    folder (a sweep's job) still records why its run never started."""
+    try:
+        check_config(cfg)
+        algorithm_kwargs(cfg.algo, algorithm_class(cfg.algo.get("_target_")))
+    except MetarunError as err:
+        if os.environ.get("RANK", "0") == "0" and not any(
+            (run_dir / name).exists() for name in RUN_FILES
+        ):
+            run_dir.mkdir(parents=True, exist_ok=True)
+            failed = {"status": "failed", "error": str(err), "run_dir": str(run_dir), **choices}
+            write_json(run_dir / "summary.json", failed)
+        raise
 
 
 def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], group: str | None) -> float:
     """Run one experiment into `run_dir`; returns the best validation accuracy (nan if none)."""
     started = time.time()
+    check_before_loading(cfg, run_dir, choices)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     typed: MetarunConfig = OmegaConf.to_object(cfg)
     device, autocast, dist = setup_hardware(typed.hardware)
     try:
-        return _run(typed, cfg, resolved, dist.broadcast(run_dir), choices, group, device,
+        run_dir = dist.broadcast(run_dir)
+        mode = claim(run_dir, typed.run_dir_mode, bool(typed.train.resume))
+        state = None
+        if mode == "resume":  # both only read: a refused resume leaves the folder as it was
+            check_same_run(run_dir, resolved)
+            state = load_checkpoint(run_dir / STATE_FILE)
+        return _run(typed, cfg, resolved, run_dir, mode, state, choices, group, device,
                     autocast, dist, started)  # fmt: skip
     finally:
         shutdown(dist)
 
 
-def _run(
-    typed: MetarunConfig, cfg: DictConfig, resolved: dict, run_dir: Path, choices: dict,
-    group: str | None, device: torch.device, autocast: Callable, dist: Dist, started: float,
-) -> float:  # fmt: skip
-    state = prepare_run_dir(run_dir, typed, resolved, dist)
-    env = {"choices": choices, "versions": versions(), "git_commit": git_commit()}
-    if dist.main:
-        write_json(run_dir / "environment.json", env)
-    seed_everything(typed.seed)
-    data = load_task(typed.task)
-    needed = ("train", "valid", "test") if typed.train.steps > 0 else ("test",)
-    check_feasible(data, typed.task, needed)
-    log.info("task %s: %s", choices.get("task"), data.summary())
-    encoder = load_backbone(typed.backbone)
-    encoder.set_texts(data.texts)
-    algo = build_algorithm(cfg.algo, encoder, typed.task.way)
-    algo.prepare(data)
-    algo = algo.to(device)
-    dist.sync_module(algo)
-    sampler, val, test = make_episodes(data, typed)
+def open_run_dir(
+    run_dir: Path, mode: str, state: dict | None, resolved: dict, env: dict
+) -> logging.Handler:
+    """The claimed folder's files (main process): afresh when overwriting, stale temporary
+    files gone, metrics past the resumed step dropped, `.hydra/`, metarun.log, the config."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if mode == "overwrite":
+        clear(run_dir)
+    remove_stale_tmp(run_dir)
+    handler = attach_log(run_dir)
+    write_hydra_files(run_dir)
+    if state is not None:
+        trim_metrics(run_dir / "metrics.jsonl", state["step"])
+    OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
+    write_json(run_dir / "environment.json", env)
+    return handler
 
-    wandb_id = state["wandb_run_id"] if state else None
-    logger = build_logger(typed, run_dir, run_dir.name, group, resolved, wandb_id, dist)
+
+def failure(err: BaseException) -> tuple[str, BaseException]:
+    """The status, and the error to raise: a write that failed (disk full, read-only) becomes
+    one line naming the file; it goes into metarun.log either way."""
+    status = "interrupted" if isinstance(err, RunInterrupted | KeyboardInterrupt) else "failed"
+    if isinstance(err, OSError) and (message := os_error_message(err)):
+        err = MetarunError(message)
+    if isinstance(err, MetarunError | KeyboardInterrupt):
+        file_log.error("%s: %s", status, err or "Ctrl-C")
+    else:  # a bug: its traceback belongs in the record
+        file_log.error("%s: %s", status, err, exc_info=err)
+    return status, err
+
+
+def _run(
+    typed: MetarunConfig, cfg: DictConfig, resolved: dict, run_dir: Path, mode: str,
+    state: dict | None, choices: dict, group: str | None, device: torch.device,
+    autocast: Callable, dist: Dist, started: float,
+) -> float:  # fmt: skip
+    env = {"choices": choices, "versions": versions(), "git_commit": git_commit()}
+    handler = open_run_dir(run_dir, mode, state, resolved, env) if dist.main else None
     summary: dict[str, Any] = {"status": "failed", "run_dir": str(run_dir), **choices}
+    data: TaskData | None = None
+    logger: Logger | None = None
     try:
+        seed_everything(typed.seed)
+        data = load_task(typed.task)
+        needed = ("train", "valid", "test") if typed.train.steps > 0 else ("test",)
+        check_feasible(data, typed.task, needed)
+        log.info("task %s: %s", choices.get("task"), data.summary())
+        encoder = load_backbone(typed.backbone)
+        encoder.set_texts(data.texts)
+        summary["truncated_texts"] = check_truncation(encoder, typed.backbone.max_length)
+        algo = build_algorithm(cfg.algo, encoder, typed.task.way)
+        algo.prepare(data)
+        algo = algo.to(device)
+        dist.sync_module(algo)
+        sampler, val, test = make_episodes(data, typed)
+        wandb_id = state["wandb_run_id"] if state else None
+        logger = build_logger(typed, run_dir, run_dir.name, group, resolved, wandb_id, dist)
         trainer = Trainer(algo, typed.train, sampler, val, logger, run_dir / "checkpoint.pt",
                           {"config": resolved, **env}, autocast, typed.logger.progress,
                           run_dir / STATE_FILE, dist)  # fmt: skip
@@ -208,17 +255,44 @@ def _run(
         log.info("test accuracy %.2f%% ± %.2f (95%% CI, %d episodes), macro-F1 %.2f%%",
                  100 * result.acc, 100 * result.ci95, len(test), 100 * result.f1)  # fmt: skip
         return fit.best_val_acc if fit.best_val_acc is not None else float("nan")
-    except MetarunError as err:
-        summary["error"] = str(err)
-        summary["status"] = "interrupted" if isinstance(err, RunInterrupted) else "failed"
+    except BaseException as err:
+        summary["status"], raised = failure(err)
+        summary["error"] = str(raised) or type(raised).__name__
+        if raised is not err:
+            raise raised from err
         raise
     finally:
         summary |= run_facts(typed, data, device) | {
             "peak_memory_mb": peak_memory_mb(device), "wall_seconds": time.time() - started,
-            "wandb_run_id": logger.wandb_id, "versions": env["versions"],
+            "wandb_run_id": logger.wandb_id if logger else None, "versions": env["versions"],
             "git_commit": env["git_commit"], "processes": dist.world,
         }  # fmt: skip
+        finish(run_dir, summary, logger, handler, dist)
+
+
+def finish(
+    run_dir: Path, summary: dict, logger: Logger | None, handler: logging.Handler | None,
+    dist: Dist,
+) -> None:  # fmt: skip
+    """summary.json for every run, completed or not; W&B told whether it failed."""
+    try:
         if dist.main:
             write_json(run_dir / "summary.json", summary)
-        logger.summary({k: v for k, v in summary.items() if k in ("test", "val", "train")})
-        logger.close()
+    except OSError as err:  # the disk that failed the run may refuse this too: say so, go on
+        file_log.error("summary.json not written: %s", os_error_message(err) or err)
+    finally:
+        if logger is not None:
+            logger.summary({k: v for k, v in summary.items()
+                            if k in ("status", "error", "test", "val", "train")})  # fmt: skip
+            logger.close(failed=summary["status"] != "completed")
+        if handler is not None:
+            detach_log(handler)
+
+
+def check_truncation(encoder: Encoder, max_length: int) -> float:
+    """The fraction of the task's texts cut at backbone.max_length; a warning past 5%."""
+    fraction = encoder.truncated_fraction
+    if fraction > TRUNCATION_WARNING:
+        log.warning("backbone.max_length=%d cuts %.0f%% of the texts; raise it if accuracy "
+                    "matters more than speed", max_length, 100 * fraction)  # fmt: skip
+    return fraction

@@ -22,7 +22,7 @@ WANDB_MODES = ("online", "offline", "disabled")
 class Sink(Protocol):
     def log(self, metrics: dict[str, float], step: int) -> None: ...
     def summary(self, values: dict[str, Any]) -> None: ...
-    def close(self) -> None: ...
+    def close(self, failed: bool = False) -> None: ...
 
 
 class StdoutSink:
@@ -44,7 +44,7 @@ class StdoutSink:
     def summary(self, values: dict[str, Any]) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         pass
 
 
@@ -58,13 +58,17 @@ class JsonlSink:
         clean = {
             k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()
         }
-        self.file.write(json.dumps({"step": step, **clean}) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps({"step": step, **clean}) + "\n")
+            self.file.flush()
+        except OSError as err:  # a full disk names no file: name it
+            err.filename = err.filename or self.file.name
+            raise
 
     def summary(self, values: dict[str, Any]) -> None:
         pass
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.file.close()
 
 
@@ -103,8 +107,9 @@ class WandbSink:
         for key, value in values.items():
             self.run.summary[key] = value
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        """A failed run finishes with exit code 1, so the dashboard shows it as failed."""
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 class Logger:
@@ -121,9 +126,9 @@ class Logger:
         for sink in self.sinks:
             sink.summary(values)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         for sink in self.sinks:
-            sink.close()
+            sink.close(failed)
 
     @property
     def wandb_id(self) -> str | None:

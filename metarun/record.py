@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
+
+from metarun.errors import MetarunError
 
 PACKAGES = (
     "metarun",
@@ -57,23 +62,56 @@ def git_commit() -> str | None:
     return head + ("-dirty" if dirty else "")
 
 
-def write_json(path: Path, data: Any) -> None:
-    """Write via a temporary file and rename, so a kill never leaves half a file."""
+def finite(data: Any) -> Any:
+    """NaN and infinities as null: bare `NaN` is not JSON, and most readers refuse it."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {k: finite(v) for k, v in data.items()}
+    if isinstance(data, list | tuple):
+        return [finite(v) for v in data]
+    return data
+
+
+@contextmanager
+def atomic(path: Path, mode: str = "w") -> Iterator[IO]:
+    """Write via a temporary file, flushed to disk, then renamed over `path`: a kill at any
+    moment leaves the old file or the new one, and a failed write (a full disk) leaves no
+    temporary file behind."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    try:
+        with tmp.open(mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as err:
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None:
+            err.filename = str(path)  # a full disk's error names no file: name the one we wrote
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    text = json.dumps(finite(data), indent=2, default=str, allow_nan=False) + "\n"
+    with atomic(path) as f:
+        f.write(text)
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Temporary file, flushed to disk, then renamed over the old one: a kill at any moment
-    leaves either the previous checkpoint or the new one, never a torn file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
+    with atomic(path, "wb") as f:
         torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint's contents; a truncated or foreign file is one line saying what to do."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise MetarunError(f"{path} does not exist") from None
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
+        raise MetarunError(
+            f"{path} is not a readable metarun checkpoint ({type(err).__name__}; truncated or "
+            "written by something else); resume from another run folder, or start afresh with "
+            "run_dir_mode=overwrite (or another run_dir)"
+        ) from None

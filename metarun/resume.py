@@ -21,7 +21,8 @@ from omegaconf import OmegaConf
 from metarun.errors import MetarunError
 
 STATE_FILE = "last.pt"  # the resumable state; checkpoint.pt stays the best-validation weights
-# Keys a resumed run may change: how long it runs, how it reports, where it runs.
+# Keys a resumed run may change: how long it runs, how it reports, where it runs (prefixes:
+# "run_dir" covers run_dir_mode).
 MAY_CHANGE = ("train.steps", "train.resume", "train.patience", "logger", "hardware", "run_dir")
 
 

@@ -70,7 +70,7 @@ def test_steps_zero_evaluates_the_untrained_backbone_on_icd10(tmp_path):
         (["backbone=tiny", "task.way=500"], "task.way=500 but the test split has only"),
         (["task=banking77", "task.data_dir=/no/such/dir"], "task.data_dir=/no/such/dir does not"),
         (["task=local", "task.label_column=intent"], "no column 'intent'"),
-        (["task.wya=3"], "Key 'wya' not in 'TaskConfig'"),
+        (["task.wya=3"], "task.wya is not a key of task; did you mean task.way?"),
         (["algo=maml", "backbone=bert-base"], "offline use backbone=minilm or backbone=smollm2"),
     ],
     ids=[

@@ -12,9 +12,17 @@ from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from metarun import config as schema
+from metarun.algo import algorithm_class, algorithm_kwargs
+from metarun.checks import check_config
+from metarun.errors import MetarunError
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and not p.name.startswith("_"))
+# conf/hydra/ holds options of Hydra's own groups (job logging), not metarun's
+GROUPS = sorted(
+    p.name
+    for p in CONF.iterdir()
+    if p.is_dir() and not p.name.startswith("_") and p.name != "hydra"
+)
 # Configure Hydra's sweeper (search) or the whole run from the top (experiment, `+experiment=`):
 # tested on their own below.
 SWEEP_GROUPS = ["experiment", "search"]
@@ -34,6 +42,9 @@ def test_every_option_composes_to_its_typed_schema(compose_cfg, group, option):
     cfg = compose_cfg(f"{group}={option}")
     typed = OmegaConf.to_object(cfg)  # resolves interpolations and checks every type
     assert isinstance(typed, schema.MetarunConfig)
+    check_config(cfg)  # every shipped option is within the ranges a run accepts
+    cls = algorithm_class(cfg.algo._target_)
+    assert set(algorithm_kwargs(cfg.algo, cls)) <= set(inspect.signature(cls).parameters)
     node = getattr(typed, group)
     if group == "algo":
         assert type(node) is schema.ALGO_SCHEMAS[option]
@@ -58,6 +69,26 @@ def test_algo_schema_matches_constructor_signature(option):
     params = inspect.signature(get_class(node._target_)).parameters
     fields = {f.name for f in dataclasses.fields(node)} - {"_target_"}
     assert set(params) - {"encoder", "way"} == fields
+
+
+def test_keys_added_with_plus_and_values_out_of_range_are_refused(compose_cfg):
+    with pytest.raises(MetarunError, match=r"train\.stepz is not a key of train; did you mean "
+                       r"train\.steps\?"):  # fmt: skip
+        check_config(compose_cfg("+train.stepz=3"))
+    with pytest.raises(MetarunError, match=r"backbone\.arch_x is not a key"):
+        check_config(compose_cfg("+backbone.arch_x=1"))
+    check_config(compose_cfg("+backbone.arch.num_layers=1"))  # a free-form node: any key
+    for override, words in [("train.lr=0", "> 0"), ("task.way=1", ">= 2"),
+                            ("train.lr=nan", "> 0"), ("algo=anil", None)]:  # fmt: skip
+        if words is None:
+            check_config(compose_cfg(override))
+            continue
+        with pytest.raises(MetarunError, match=f"it must be {words}"):
+            check_config(compose_cfg(override))
+    # val_episodes matters only when validation runs
+    check_config(compose_cfg("task.val_episodes=0", "train.steps=0"))
+    with pytest.raises(MetarunError, match=r"task\.val_episodes=0"):
+        check_config(compose_cfg("task.val_episodes=0"))
 
 
 def test_misspelt_key_and_wrong_type_fail_at_composition(compose_cfg):

@@ -27,12 +27,13 @@ class TaskData:
     splits: dict[str, dict[str, np.ndarray]]
     label_names: dict[str, str] = field(default_factory=dict)  # class -> readable name
     dropped: dict[str, int] = field(default_factory=dict)  # split -> classes too small
+    rows: dict[str, int] = field(default_factory=dict)  # what reading found (rows.RowCounts)
 
     def summary(self) -> dict:
         return {
             split: {"classes": len(c), "texts": int(sum(len(v) for v in c.values()))}
             for split, c in self.splits.items()
-        } | {"dropped_classes": self.dropped}
+        } | {"dropped_classes": self.dropped, "rows": self.rows}
 
 
 def seeded_class_split(labels: list[str], fractions: list[float], seed: int) -> dict[str, list]:
@@ -51,8 +52,8 @@ def seeded_class_split(labels: list[str], fractions: list[float], seed: int) -> 
     }
 
 
-def _read(cfg: TaskConfig) -> tuple[dict[str, list[str]], dict[str, list] | None, dict]:
-    """Texts by label, the published split if any, and readable label names."""
+def _read(cfg: TaskConfig) -> tuple[dict[str, list[str]], dict[str, list] | None, dict, dict]:
+    """Texts by label, the published split if any, readable label names, and row counts."""
     if cfg.source == "icd10":
         if cfg.data_dir or cfg.path:
             raise MetarunError(
@@ -60,16 +61,16 @@ def _read(cfg: TaskConfig) -> tuple[dict[str, list[str]], dict[str, list] | None
                 "task.path; for your own data use task=local (or task=banking77|clinc150)"
             )
         by_label, names = sources.read_icd10()
-        return by_label, None, names
+        return by_label, None, names, {}
     if cfg.source != "auto":
         raise MetarunError(f"task.source={cfg.source} is unknown; use auto or icd10")
-    text_col, label_col = cfg.text_column, cfg.label_column
+    columns = (cfg.text_column, cfg.label_column)
     if cfg.data_dir is not None:
         root = Path(cfg.data_dir).expanduser()
-        by_label, split = sources.read_split_dir(
-            root, cfg.split, text_col, label_col, "task.data_dir"
+        by_label, split, counts = sources.read_split_dir(
+            root, cfg.split, *columns, "task.data_dir", cfg.encoding, cfg.on_invalid_rows
         )
-        return by_label, split, {}
+        return by_label, split, {}, counts.as_dict()
     if cfg.path is None:
         raise MetarunError(
             "the task has no data: set task.path=<file.jsonl|.csv|.parquet, split-format folder "
@@ -77,13 +78,17 @@ def _read(cfg: TaskConfig) -> tuple[dict[str, list[str]], dict[str, list] | None
         )
     path = Path(cfg.path).expanduser()
     if path.is_dir():
-        by_label, split = sources.read_split_dir(path, cfg.split, text_col, label_col, "task.path")
-        return by_label, split, {}
+        by_label, split, counts = sources.read_split_dir(
+            path, cfg.split, *columns, "task.path", cfg.encoding, cfg.on_invalid_rows
+        )
+        return by_label, split, {}, counts.as_dict()
     if path.is_file():
-        return sources.read_file(path, text_col, label_col), None, {}
-    if path.suffix.lower() in sources.FILE_BUILDERS or path.is_absolute() or cfg.path[0] == ".":
+        by_label, counts = sources.read_file(path, *columns, cfg.encoding, cfg.on_invalid_rows)
+        return by_label, None, {}, counts.as_dict()
+    if path.suffix.lower() in sources.FILE_TYPES or path.is_absolute() or cfg.path[0] == ".":
         raise MetarunError(f"task.path={cfg.path} does not exist; give an existing file or folder")
-    return sources.read_hub(cfg.path, cfg.hub_config, text_col, label_col), None, {}
+    by_label, counts = sources.read_hub(cfg.path, cfg.hub_config, *columns, cfg.on_invalid_rows)
+    return by_label, None, {}, counts.as_dict()
 
 
 def readable(label: str) -> str:
@@ -101,7 +106,7 @@ def episode_label_names(
 
 
 def load_task(cfg: TaskConfig) -> TaskData:
-    by_label, published, names = _read(cfg)
+    by_label, published, names, counts = _read(cfg)
     split = published or seeded_class_split(list(by_label), list(cfg.class_split), cfg.split_seed)
     texts: list[str] = []
     index: dict[str, int] = {}
@@ -127,19 +132,21 @@ def load_task(cfg: TaskConfig) -> TaskData:
             )
     texts = list(index)
     label_names = {lab: names.get(lab) or readable(lab) for s in splits.values() for lab in s}
-    return TaskData(texts=texts, splits=splits, label_names=label_names, dropped=dropped)
+    return TaskData(texts, splits, label_names, dropped, counts)
 
 
 def check_feasible(data: TaskData, cfg: TaskConfig, needed: tuple[str, ...]) -> None:
-    """Fail before any training if an episode of the requested shape cannot be drawn."""
-    for key in ("way", "shots", "queries"):
-        if getattr(cfg, key) < (2 if key == "way" else 1):
-            raise MetarunError(f"task.{key}={getattr(cfg, key)} is too small")
+    """Fail before any training if an episode of the requested shape cannot be drawn (the
+    ranges of way, shots and queries themselves are checked with the config)."""
+    need = cfg.shots + cfg.queries
     for name in needed:
         have = len(data.splits[name])
-        if cfg.way > have:
-            raise MetarunError(
-                f"task.way={cfg.way} but the {name} split has only {have} classes with at least "
-                f"{cfg.shots + cfg.queries} texts (task.shots + task.queries); "
-                f"lower task.way (<= {have}), task.shots or task.queries"
-            )
+        if cfg.way <= have:
+            continue
+        found = f"the {name} split has only {have} classes with at least {need} texts " \
+            "(task.shots + task.queries)"  # fmt: skip
+        if have >= 2:
+            raise MetarunError(f"task.way={cfg.way} but {found}; lower task.way (<= {have}), "
+                               "task.shots or task.queries")  # fmt: skip
+        raise MetarunError(f"{found}, and an episode needs at least 2: lower task.shots or "
+                           f"task.queries, or give that split more classes or texts")  # fmt: skip

@@ -5,18 +5,18 @@ Every reader returns plain Python data so the split and episode logic never sees
 
 from __future__ import annotations
 
-import json
 import re
 from collections import defaultdict
 from pathlib import Path
 
 from metarun.errors import MetarunError
+from metarun.task.rows import FILE_TYPES as FILE_TYPES
+from metarun.task.rows import Row, RowCounts, group_rows, read_lines, read_rows
 
 SPLIT_NAMES = ("train", "valid", "test")
 # The fields of the ProtAugment split format (full.jsonl). A task option written for the hub
 # (clinc150 reads "intent" there) falls back to them when its own column is absent.
 SPLIT_FORMAT_TEXT, SPLIT_FORMAT_LABEL = "sentence", "label"
-FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 # ICD-10-CM repeats one condition as "initial encounter", "subsequent encounter ..." and
 # "sequela" variants; they differ only in that suffix, so they are collapsed into one text.
@@ -37,47 +37,17 @@ def read_icd10() -> tuple[dict[str, list[str]], dict[str, str]]:
     return {label: sorted(texts) for label, texts in by_label.items()}, names
 
 
-def _group(rows: list[dict], text_col: str, label_col: str, where: str) -> dict[str, list[str]]:
-    if not rows:
-        raise MetarunError(f"{where} holds no rows")
-    columns = sorted(rows[0])
-    for key, col in (("task.text_column", text_col), ("task.label_column", label_col)):
-        if col not in rows[0]:
-            raise MetarunError(
-                f"{where} has no column '{col}' (columns: {', '.join(columns)}); "
-                f"set {key}=<one of them>"
-            )
-    by_label: dict[str, list[str]] = defaultdict(list)
-    seen: set[tuple[str, str]] = set()
-    for row in rows:
-        text, label = row[text_col], row[label_col]
-        if text is None or label is None or (str(label), str(text)) in seen:
-            continue
-        seen.add((str(label), str(text)))
-        by_label[str(label)].append(str(text))
-    return dict(by_label)
-
-
-def _read_file_rows(path: Path) -> list[dict]:
-    builder = FILE_BUILDERS.get(path.suffix.lower())
-    if builder is None:
-        raise MetarunError(
-            f"task.path={path}: unsupported file type '{path.suffix}'; "
-            f"use one of {', '.join(FILE_BUILDERS)}"
-        )
-    import datasets
-
-    ds = datasets.load_dataset(builder, data_files=str(path), split="train")
-    return ds.to_list()
-
-
-def read_file(path: Path, text_col: str, label_col: str) -> dict[str, list[str]]:
-    return _group(_read_file_rows(path), text_col, label_col, f"task.path={path}")
+def read_file(
+    path: Path, text_col: str, label_col: str, encoding: str, on_invalid: str
+) -> tuple[dict[str, list[str]], RowCounts]:
+    rows = read_rows(path, encoding)
+    return group_rows(rows, text_col, label_col, f"task.path={path}", on_invalid)
 
 
 def read_split_dir(
-    root: Path, split: str, text_col: str, label_col: str, key: str
-) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    root: Path, split: str, text_col: str, label_col: str, key: str, encoding: str = "utf-8",
+    on_invalid: str = "error",
+) -> tuple[dict[str, list[str]], dict[str, list[str]], RowCounts]:  # fmt: skip
     """A folder in the ProtAugment format: full.jsonl + splits/NN/labels.{train,valid,test}.txt."""
     if not root.is_dir():
         raise MetarunError(f"{key}={root} does not exist; point it at a folder with full.jsonl")
@@ -90,26 +60,52 @@ def read_split_dir(
         raise MetarunError(
             f"{split_dir} does not exist; set task.split to one of: {', '.join(found) or 'none'}"
         )
-    rows = [json.loads(line) for line in full.read_text().splitlines() if line.strip()]
-    if rows and text_col not in rows[0] and SPLIT_FORMAT_TEXT in rows[0]:
+    rows = read_rows(full, encoding)
+    first = rows[0][1] if rows else {}
+    if text_col not in first and SPLIT_FORMAT_TEXT in first:
         text_col = SPLIT_FORMAT_TEXT
-    if rows and label_col not in rows[0] and SPLIT_FORMAT_LABEL in rows[0]:
+    if label_col not in first and SPLIT_FORMAT_LABEL in first:
         label_col = SPLIT_FORMAT_LABEL
-    by_label = _group(rows, text_col, label_col, str(full))
-    splits = {}
-    for name in SPLIT_NAMES:
-        f = split_dir / f"labels.{name}.txt"
-        if not f.is_file():
-            raise MetarunError(f"{f} is missing: a split folder needs labels.{name}.txt")
-        labels = [line.strip() for line in f.read_text().splitlines() if line.strip()]
-        unknown = [lab for lab in labels if lab not in by_label]
-        if unknown:
-            raise MetarunError(f"{f} names classes absent from {full}: {', '.join(unknown[:5])}")
-        splits[name] = labels
-    return by_label, splits
+    by_label, counts = group_rows(rows, text_col, label_col, str(full), on_invalid)
+    splits = {name: read_label_file(split_dir, name, by_label, full, encoding)
+              for name in SPLIT_NAMES}  # fmt: skip
+    check_disjoint(splits, split_dir)
+    return by_label, splits, counts
 
 
-def read_hub(dataset_id: str, config: str | None, text_col: str, label_col: str):
+def read_label_file(
+    split_dir: Path, name: str, by_label: dict[str, list[str]], full: Path, encoding: str
+) -> list[str]:
+    f = split_dir / f"labels.{name}.txt"
+    if not f.is_file():
+        raise MetarunError(f"{f} is missing: a split folder needs labels.{name}.txt")
+    labels = list(dict.fromkeys(line.strip() for _, line in read_lines(f, encoding)))
+    labels = [lab for lab in labels if lab]
+    if not labels:
+        raise MetarunError(f"{f} is empty: it needs one class name per line")
+    unknown = [lab for lab in labels if lab not in by_label]
+    if unknown:
+        raise MetarunError(f"{f} names classes absent from {full}: {', '.join(unknown[:5])}")
+    return labels
+
+
+def check_disjoint(splits: dict[str, list[str]], where: Path) -> None:
+    """Meta-train, validation and test classes must not share a class: a test class seen in
+    training makes every test number an overestimate."""
+    for i, a in enumerate(SPLIT_NAMES):
+        for b in SPLIT_NAMES[i + 1 :]:
+            shared = sorted(set(splits[a]) & set(splits[b]))
+            if shared:
+                raise MetarunError(
+                    f"{where}: labels.{a}.txt and labels.{b}.txt share {len(shared)} classes "
+                    f"({', '.join(shared[:5])}); the splits must be disjoint: remove each "
+                    "class from all but one file"
+                )
+
+
+def read_hub(
+    dataset_id: str, config: str | None, text_col: str, label_col: str, on_invalid: str
+) -> tuple[dict[str, list[str]], RowCounts]:
     """A Hugging Face hub dataset, all of its splits pooled (the meta-splits are by class)."""
     import datasets
 
@@ -121,12 +117,12 @@ def read_hub(dataset_id: str, config: str | None, text_col: str, label_col: str)
             f"task.path={dataset_id}: could not load from the Hugging Face hub ({first[:200]}). "
             "Offline, use task.data_dir=<folder in split format> or task.path=<local file>"
         ) from err
-    rows: list[dict] = []
+    rows: list[Row] = []
     for part in dd.values():
         feature = part.features.get(label_col)
         names = getattr(feature, "names", None)
         for row in part:
             if names is not None and row.get(label_col) is not None:
                 row = {**row, label_col: names[row[label_col]]}
-            rows.append(row)
-    return _group(rows, text_col, label_col, f"task.path={dataset_id}")
+            rows.append((len(rows) + 1, row))
+    return group_rows(rows, text_col, label_col, f"task.path={dataset_id}", on_invalid)

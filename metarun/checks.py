@@ -1,0 +1,121 @@
+"""Checks of a composed config before anything loads: keys that exist, values in range.
+
+Hydra and the typed schemas catch a wrong type; these catch what types cannot: a key added with
+`+` that no code reads, a negative learning rate, an episode of one class. Each error names the
+key and what it accepts, so the fix is in the message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import operator
+from collections.abc import Callable
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from metarun import config as schemas
+from metarun.errors import MetarunError
+
+# Allowed ranges, by dotted key; keys absent from a config (another algorithm's) are skipped.
+# (bound, comparison, its words); None values are the schema's "unset" and are not checked.
+AT_LEAST, ABOVE = (operator.ge, ">="), (operator.gt, ">")
+LIMITS: dict[str, tuple[float, tuple[Callable[[Any, Any], bool], str]]] = {
+    "task.way": (2, AT_LEAST),
+    "task.shots": (1, AT_LEAST),
+    "task.queries": (1, AT_LEAST),
+    "task.test_episodes": (2, AT_LEAST),  # one episode has no confidence interval
+    "train.steps": (0, AT_LEAST),
+    "train.meta_batch_size": (1, AT_LEAST),
+    "train.episodes_per_backward": (1, AT_LEAST),
+    "train.lr": (0, ABOVE),
+    "train.weight_decay": (0, AT_LEAST),
+    "train.warmup_steps": (0, AT_LEAST),
+    "train.grad_clip": (0, AT_LEAST),
+    "train.val_interval": (1, AT_LEAST),
+    "train.patience": (0, AT_LEAST),
+    "train.checkpoint_interval": (0, AT_LEAST),
+    "backbone.max_length": (8, AT_LEAST),  # below it a text is a few word pieces
+    "backbone.top_k": (1, AT_LEAST),
+    "hardware.threads": (0, AT_LEAST),
+    "algo.inner_steps": (1, AT_LEAST),  # zero steps is no adaptation: use algo=protonet/frozen
+    "algo.eval_inner_steps": (1, AT_LEAST),
+    "algo.inner_lr": (0, ABOVE),
+    "algo.eval_steps": (1, AT_LEAST),
+    "algo.eval_lr": (0, ABOVE),
+    "algo.head_lr": (0, ABOVE),
+    "algo.top_k": (1, AT_LEAST),
+    "algo.lora_r": (1, AT_LEAST),
+    "algo.lora_alpha": (0, ABOVE),
+    "algo.temperature": (0, ABOVE),
+    "algo.hidden": (1, AT_LEAST),
+    "algo.lam": (0, ABOVE),
+    "algo.scale": (0, ABOVE),
+    "algo.c": (0, ABOVE),
+    "algo.max_iter": (1, AT_LEAST),
+    "algo.batch_size": (1, AT_LEAST),
+}
+# Needed only when the run meta-trains (train.steps > 0): validation picks the checkpoint.
+WHEN_TRAINING = {"task.val_episodes": (2, AT_LEAST)}
+
+
+def closest(word: str, options: list[str]) -> str | None:
+    found = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return found[0] if found else None
+
+
+def unknown_key_message(path: str, fields: list[str]) -> str:
+    """`train.stepz is not a key of train; did you mean train.steps?`"""
+    parent, _, key = path.rpartition(".")
+    where = parent or "the config"
+    near = closest(key, fields)
+    hint = f"did you mean {parent + '.' if parent else ''}{near}?" if near else (
+        f"its keys are: {', '.join(sorted(fields))}"
+    )  # fmt: skip
+    return f"{path} is not a key of {where}; {hint} (`metarun --cfg job` prints every key)"
+
+
+def schema_fields(schema_name: str) -> list[str] | None:
+    """The fields of a schema class named in one of Hydra's messages ('TrainConfig')."""
+    cls = getattr(schemas, schema_name, None)
+    if isinstance(cls, type) and dataclasses.is_dataclass(cls):
+        return [f.name for f in dataclasses.fields(cls)]
+    return None
+
+
+def check_keys(node: DictConfig, prefix: str = "") -> None:
+    """Every key of a schema-backed node is a field of its schema: a key added with `+` (or by
+    a shared YAML) would otherwise be dropped without a word, typo included."""
+    cls = OmegaConf.get_type(node)
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        return  # a free-form node (backbone.arch) or a user's own algorithm: checked elsewhere
+    fields = [f.name for f in dataclasses.fields(cls)]
+    for key in node:
+        path = f"{prefix}{key}"
+        if key not in fields:
+            raise MetarunError(unknown_key_message(path, fields))
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            check_keys(child, path + ".")
+
+
+def _value(cfg: DictConfig, key: str) -> Any:
+    return OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+
+
+def check_values(cfg: DictConfig) -> None:
+    limits = LIMITS | (WHEN_TRAINING if (_value(cfg, "train.steps") or 0) > 0 else {})
+    for key, (bound, (ok, words)) in limits.items():
+        value = _value(cfg, key)
+        if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if (isinstance(value, float) and not math.isfinite(value)) or not ok(value, bound):
+            raise MetarunError(f"{key}={value} is out of range: it must be {words} {bound}")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Refuse unknown keys and out-of-range values before any data or model loads."""
+    check_keys(cfg)
+    check_values(cfg)
