@@ -1,28 +1,11 @@
-"""Markdown for docs/BENCHMARKS.md from scripts/bench.py's results, and the block rewriter that
-scripts/bench.py and scripts/report.py share (generated numbers between markers, prose kept)."""
+"""Markdown for docs/BENCHMARKS.md from scripts/bench.py's results (written between markers by
+metarun.report.blocks.replace_block, the rewriter metarun-report uses too: prose is kept)."""
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
 from typing import Any
 
 REFERENCE = "maml (higher reference)"
-
-
-def replace_block(path: Path, name: str, body: str) -> None:
-    """Rewrite what lies between `<!-- name:begin -->` and `<!-- name:end -->` in `path`,
-    appending the block (and creating the file) when it is not there yet."""
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    block = f"{begin}\n{body.rstrip()}\n{end}"
-    text = path.read_text() if path.is_file() else ""
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text)
-    else:
-        text = f"{text.rstrip()}\n\n{block}\n" if text.strip() else f"{block}\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
 
 
 def rate(cell: dict[str, Any]) -> float | None:

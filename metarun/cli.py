@@ -8,6 +8,8 @@ import os
 import re
 import sys
 import tempfile
+import textwrap
+from importlib import metadata
 from pathlib import Path
 from typing import NoReturn
 
@@ -144,8 +146,60 @@ def _misspelt_key(text: str) -> str | None:
     return unknown_key_message(found.group(1).lstrip("+~"), fields)
 
 
+HELP = """metarun {version}: meta-learning experiments on transformer language models.
+
+Meta-trains an algorithm on N-way K-shot episodes of a task's training classes, selects on
+validation classes, and tests on fixed episodes of held-out classes (mean accuracy with its
+95% interval). Every run leaves a folder: config, metrics, checkpoints, summary.
+
+Usage: metarun [group=option ...] [key=value ...] [-m (a sweep over comma-separated values)]
+
+Config groups and their options (defaults marked *):
+{groups}
+
+Common keys: task.way, task.shots, task.queries, task.path, task.data_dir, train.steps,
+train.lr, train.meta_batch_size, seed, run_dir, init_from, logger.wandb (see
+`metarun --cfg job` for every key of the composed config).
+
+Examples:
+  metarun                                                 # ProtoNet on MiniLM, ICD-10 5-way 1-shot
+  metarun algo=maml backbone=minilm task=banking77 task.data_dir=../shared/data/banking77
+  metarun algo=maml algo.head=verbalizer backbone=smollm2 task.shots=1   # a decoder LLM
+  metarun -m algo=protonet,maml,anil task.shots=1,5 seed=0,1,2            # a sweep
+  metarun init_from=outputs/runs/<run> train.steps=0 task=clinc150        # reuse a trained run
+  metarun-report outputs/multirun/<sweep>                 # tables, paired tests, plots
+  metarun-predict outputs/runs/<run> --support few.csv --queries new.csv  # label new texts
+
+More: --cfg job (the composed config), --config-dir DIR (your own config groups),
+--hydra-help (Hydra's own options), --version."""
+
+
+def help_text() -> str:
+    """metarun's --help: its groups and options read from the shipped configs."""
+    from importlib import resources
+
+    conf = resources.files("metarun.conf")
+    defaults = re.findall(r"^  - (\w+): (\S+)$", conf.joinpath("config.yaml").read_text(), re.M)
+    chosen = dict(defaults)
+    lines = []
+    for group in sorted(p.name for p in conf.iterdir() if p.is_dir() and p.name != "hydra"):
+        options = sorted(f.name.removesuffix(".yaml") for f in conf.joinpath(group).iterdir()
+                         if f.name.endswith(".yaml"))  # fmt: skip
+        marked = [f"{o}*" if chosen.get(group) == o else o for o in options]
+        lines.append(textwrap.fill(", ".join(marked), 96, initial_indent=f"  {group:<11}",
+                                   subsequent_indent=" " * 13))  # fmt: skip
+    return HELP.format(version=metadata.version("metarun"), groups="\n".join(lines))
+
+
 def main() -> None:
     """Entry point; a mistake in the command line or config ends in one line and exit code 2."""
+    args = sys.argv[1:]
+    if "--version" in args or "-V" in args:
+        print(f"metarun {metadata.version('metarun')}")
+        return
+    if "--help" in args or "-h" in args:
+        print(help_text())
+        return
     register_configs()
     _quiet_libraries()
     sys.argv[1:] = with_overrides(sys.argv[1:], _placement_overrides(sys.argv[1:]))

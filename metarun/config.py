@@ -254,6 +254,9 @@ class MetarunConfig:
     # A run_dir holding another run: auto resumes its last.pt, and refuses a folder with a
     # finished or broken run's files; overwrite deletes them and starts afresh
     run_dir_mode: str = "auto"
+    # A finished run folder whose trained weights this run starts from (same backbone and
+    # algorithm): with train.steps=0 it evaluates them on this task, e.g. another dataset
+    init_from: str | None = None
 
 
 ALGO_SCHEMAS: dict[str, type] = {

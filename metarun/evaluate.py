@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from metarun.algo import Algorithm
 from metarun.distributed import Dist
@@ -52,11 +53,13 @@ def evaluate(
     episodes: Sequence[Episode],
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
     dist: Dist | None = None,
+    progress: str | None = None,
 ) -> EvalResult:
     """Adapt on each support set, predict its query set; the model is left as it was found.
 
     With several processes each evaluates every world-th episode and the per-episode results
     are gathered back into episode order, so the result does not depend on the process count.
+    `progress`: a progress bar with this label (600 adapted episodes can take minutes).
     """
     dist = dist or Dist()
     was_training = algo.training
@@ -66,8 +69,9 @@ def evaluate(
     ids = torch.cat([episodes[i].text_ids() for i in mine]) if mine else torch.zeros(0).long()
     use_cache = algo.feature_cache and len(ids) > 0
     cache = algo.encoder.cached(ids) if use_cache else contextlib.nullcontext()
+    bar = tqdm(mine, desc=progress, disable=progress is None, unit="episode", leave=False)
     with torch.no_grad(), autocast(), cache:
-        for i in mine:
+        for i in bar:
             ep = episodes[i]
             logits = algo.adapt(ep.support, ep.way)(ep.query)
             pred = logits.argmax(-1).cpu().numpy()

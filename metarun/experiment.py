@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from metarun.algo import algorithm_class, algorithm_kwargs, build_algorithm
 from metarun.backbone import Encoder, load_backbone
@@ -30,6 +31,7 @@ from metarun.evaluate import evaluate
 from metarun.logger import JsonlSink, Logger, StdoutSink, WandbSink
 from metarun.record import git_commit, load_checkpoint, versions, write_json
 from metarun.resume import STATE_FILE, check_same_run, trim_metrics
+from metarun.reuse import check_same_model, load_trained, source_config
 from metarun.rundir import (
     RUN_FILES,
     attach_log,
@@ -94,9 +96,25 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def run_name(cfg: MetarunConfig, choices: dict[str, str]) -> str:
+    """What a person reads in a dashboard: algorithm, backbone, task, shape, seed."""
+    task = cfg.task
+    return (f"{choices.get('algo', '?')}-{choices.get('backbone', '?')}-"
+            f"{choices.get('task', '?')}-{task.way}w{task.shots}s-seed{cfg.seed}")  # fmt: skip
+
+
+def wandb_config(cfg: MetarunConfig, choices: dict[str, str], resolved: dict) -> dict:
+    """The chosen option of every group as top-level keys (filter and group by them), then the
+    whole resolved config under `cfg`."""
+    task = cfg.task
+    return {**choices, "way": task.way, "shots": task.shots, "queries": task.queries,
+            "seed": cfg.seed, "split": task.split, "meta_steps": cfg.train.steps,
+            "cfg": resolved}  # fmt: skip
+
+
 def build_logger(
-    cfg: MetarunConfig, run_dir: Path, name: str, group: str | None, resolved: dict,
-    wandb_id: str | None, dist: Dist,
+    cfg: MetarunConfig, run_dir: Path, choices: dict[str, str], family: str, group: str | None,
+    resolved: dict, wandb_id: str | None, dist: Dist,
 ) -> Logger:  # fmt: skip
     """Stdout and metrics.jsonl always, W&B when asked (continuing `wandb_id` on resume); only
     the main process logs."""
@@ -105,7 +123,9 @@ def build_logger(
     train_every = 0 if cfg.logger.progress else 10
     sinks: list = [StdoutSink(train_every), JsonlSink(run_dir / "metrics.jsonl")]
     if cfg.logger.wandb:
-        sinks.append(WandbSink(cfg.logger, run_dir, name, group, resolved, wandb_id))
+        config = wandb_config(cfg, choices, resolved)
+        sinks.append(WandbSink(cfg.logger, run_dir, run_name(cfg, choices), group, config,
+                               wandb_id, job_type=family))  # fmt: skip
     return Logger(sinks)
 
 
@@ -224,19 +244,26 @@ def _run(
         summary["truncated_texts"] = check_truncation(encoder, typed.backbone.max_length)
         algo = build_algorithm(cfg.algo, encoder, typed.task.way)
         algo.prepare(data)
+        if typed.init_from:
+            source = Path(typed.init_from)
+            check_same_model(source_config(source), resolved, source)
+            summary["init_from"] = load_trained(algo, source)
         algo = algo.to(device)
         dist.sync_module(algo)
         sampler, val, test = make_episodes(data, typed)
         wandb_id = state["wandb_run_id"] if state else None
-        logger = build_logger(typed, run_dir, run_dir.name, group, resolved, wandb_id, dist)
+        logger = build_logger(typed, run_dir, choices, algo.family, group, resolved, wandb_id,
+                              dist)  # fmt: skip
         trainer = Trainer(algo, typed.train, sampler, val, logger, run_dir / "checkpoint.pt",
                           {"config": resolved, **env}, autocast, typed.logger.progress,
                           run_dir / STATE_FILE, dist)  # fmt: skip
         if state is not None and trainer.params:
             trainer.resume(state)
             summary["resumed_from_step"] = state["step"]
-        fit = trainer.fit()
-        result = evaluate(algo, test, autocast, dist)
+        with logging_redirect_tqdm():  # log lines above the progress bar, not inside it
+            fit = trainer.fit()
+            progress = typed.logger.progress and dist.main
+            result = evaluate(algo, test, autocast, dist, progress="test" if progress else None)
         logger.log(result.metrics("test"), fit.steps_done)
         if dist.main:
             write_json(run_dir / "test_episodes.json", {

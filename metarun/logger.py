@@ -81,6 +81,7 @@ class WandbSink:
         group: str | None,
         config: dict,
         resume_id: str | None = None,
+        job_type: str | None = None,
     ) -> None:
         if cfg.mode not in WANDB_MODES:
             raise MetarunError(f"logger.mode={cfg.mode}; use one of {', '.join(WANDB_MODES)}")
@@ -91,6 +92,7 @@ class WandbSink:
             entity=cfg.entity,
             name=name,
             group=cfg.group or group,
+            job_type=job_type,
             tags=list(cfg.tags),
             config=config,
             dir=str(run_dir),

@@ -252,6 +252,7 @@ class Trainer:
                 validated = step % cfg.val_interval == 0 or step == cfg.steps
                 if validated:
                     self.validate(step)
+                    bar.unpause()  # the bar's rate counts training steps, not validation
                     bar.set_postfix(val=f"{self.best_acc:.3f}", refresh=False)
                     if cfg.patience and self.waited >= cfg.patience:
                         log.info("early stop at step %d: %d validations without gain",

@@ -25,7 +25,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.tables import REFERENCE, render, replace_block  # noqa: E402
+from benchmarks.tables import REFERENCE, render  # noqa: E402
+from metarun.report.blocks import replace_block  # noqa: E402
 
 # label: overrides on top of the common episode shape. Inner-loop algorithms use the default
 # algo.inner_steps=5. MAML uses a meta-learned head (head_init=learned) so that it computes

@@ -12,9 +12,9 @@ import torch
 from omegaconf import OmegaConf
 
 from benchmarks.reference_higher import EncoderClassifier, ReferenceMAML
-from benchmarks.tables import replace_block
 from metarun.algo import build_algorithm
 from metarun.backbone import load_backbone
+from metarun.report.blocks import replace_block
 from metarun.task import fixed_episodes
 from tests.conftest import REPO
 

@@ -110,12 +110,17 @@ def test_multirun_leaves_one_folder_per_job_and_groups_wandb_runs(tmp_path, synt
         (wandb_file,) = run.glob("wandb/offline-run-*/run-*.wandb")
         records = list(wandb_records(wandb_file))
         (info,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
-        assert info.run_group == sweep and info.display_name == run.name
+        assert info.run_group == sweep and info.job_type == "metric"  # ProtoNet's family
+        assert info.display_name == f"protonet-tiny-local-3w{summary['shots']}s-seed0"
         config = {u.key: json.loads(u.value_json) for u in info.config.update}
-        assert config["task"]["shots"] == summary["shots"]
+        assert config["algo"] == "protonet" and config["backbone"] == "tiny"
+        assert config["shots"] == summary["shots"] == config["cfg"]["task"]["shots"]
         history = {item_key(i) for r in records if r.HasField("history") for i in r.history.item}
         assert {"train/loss", "val/acc", "test/acc"} <= history
         assert summary["wandb_run_id"] == info.run_id
+        summaries = [r.summary for r in records if r.WhichOneof("record_type") == "summary"]
+        finals = {item_key(i): i.value_json for s in summaries for i in s.update}
+        assert json.loads(finals["status"]) == "completed" and "acc" in json.loads(finals["test"])
     assert shots == {1, 2}
 
 

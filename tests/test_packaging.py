@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import site
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -20,14 +22,27 @@ def _run(*cmd: str | Path, cwd: Path, check: bool = True) -> subprocess.Complete
     return proc
 
 
+def running_env_venv(venv: Path) -> Path:
+    """A venv whose dependencies are those of the interpreter running the tests, whether that
+    is a system Python or itself a venv (`--system-site-packages` would give a venv's base
+    interpreter's packages instead): a .pth file lists the running environment's site folders,
+    after the new venv's own, so metarun comes from the wheel installed there."""
+    _run(sys.executable, "-m", "venv", venv, cwd=venv.parent)
+    folders = dict.fromkeys([sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"],
+                             *site.getsitepackages()])  # fmt: skip
+    probe = "import sysconfig; print(sysconfig.get_paths()['purelib'])"
+    own = Path(_run(venv / "bin" / "python", "-c", probe, cwd=venv.parent).stdout.strip())
+    (own / "running_env.pth").write_text("".join(f"{f}\n" for f in folders))
+    return venv
+
+
 def test_wheel_in_a_fresh_venv_finds_its_configs(tmp_path):
     dist, elsewhere = tmp_path / "dist", tmp_path / "elsewhere"
     elsewhere.mkdir()
     _run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
          "-w", dist, REPO, cwd=tmp_path)  # fmt: skip
     (wheel,) = dist.glob("metarun-*.whl")
-    venv = tmp_path / "venv"  # dependencies come from the system site; metarun from the wheel
-    _run(sys.executable, "-m", "venv", "--system-site-packages", venv, cwd=tmp_path)
+    venv = running_env_venv(tmp_path / "venv")
     _run(venv / "bin" / "pip", "install", "-q", "--no-deps", "--no-index", wheel, cwd=tmp_path)
 
     where = _run(venv / "bin" / "python", "-c", "import metarun; print(metarun.__file__)",

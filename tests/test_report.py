@@ -1,63 +1,173 @@
-"""scripts/report.py: run folders -> mean over class splits beside the published numbers."""
+"""metarun-report: run folders -> tables, paired tests on identical episodes, plots."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from scipy import stats
 
-from scripts import report
-from scripts.report import collect, main
+from metarun.report.cli import main
+from metarun.report.runs import collect
+from metarun.report.stats import holm, pair
+from metarun.report.table import build, markdown
+from tests.cli_helpers import FAST, metarun
+
+CLASSES = [["a", "b", "c", "d", "e"], ["f", "g", "h", "i", "j"]]
 
 
-def fake_run(root: Path, name: str, split: str, acc: float, steps: int, shots: int = 1,
-             status: str = "completed") -> None:  # fmt: skip
+def fake_run(root: Path, name: str, algo: str, split: str, accs: list[float], seed: int = 0,
+             task: str = "banking77", eval_seed: int = 1234, steps: int = 60,
+             overrides: list[str] = (), status: str = "completed") -> Path:  # fmt: skip
+    """A run folder as metarun leaves it, with per-episode accuracies `accs`."""
     run = root / name
-    run.mkdir(parents=True)
-    summary = {"status": status, "algo": "protonet", "task": "banking77", "backbone": "minilm",
-               "shots": shots, "seeds": {"split": split}, "wall_seconds": 60.0,
-               "test": {"acc": acc, "acc_ci95": 0.01, "episodes": 600}}  # fmt: skip
+    (run / ".hydra").mkdir(parents=True)
+    classes = [CLASSES[i % 2] + [split] for i in range(len(accs))]
+    summary = {"status": status, "algo": algo, "task": task, "backbone": "minilm", "way": 5,
+               "shots": 1, "seeds": {"split": split, "seed": seed, "eval_seed": eval_seed},
+               "wall_seconds": 60.0, "train": {"steps_done": steps},
+               "test": {"acc": float(np.mean(accs)), "acc_ci95": 0.01,
+                        "episodes": len(accs)}}  # fmt: skip
     (run / "summary.json").write_text(json.dumps(summary))
-    config = {"train": {"steps": steps}, "algo": {"_target_": "metarun.algo.protonet.ProtoNet"}}
+    config = {"train": {"steps": steps}, "seed": seed, "task": {"eval_seed": eval_seed},
+              "algo": {"_target_": f"metarun.algo.x.{algo}"}}  # fmt: skip
     (run / "config.yaml").write_text(yaml.safe_dump(config))
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"algo={algo}", *overrides]))
+    episodes = {"eval_seed": eval_seed, "accuracy": accs, "classes": classes}
+    (run / "test_episodes.json").write_text(json.dumps(episodes))
+    return run
 
 
-def test_report_averages_over_splits_and_sets_published_numbers_beside(tmp_path):
-    sweep = tmp_path / "multirun"
-    for i, (split, acc) in enumerate([("01", 0.80), ("02", 0.84), ("03", 0.86)]):
-        fake_run(sweep, f"{i}_trained", split, acc, steps=60)
-    fake_run(sweep, "9_frozen", "01", 0.70, steps=0)
-    fake_run(sweep, "10_failed", "02", 0.10, steps=0, status="failed")  # not counted
-    groups = collect([sweep])
-    trained = groups[("banking77", 1, "minilm", "protonet, 60 steps")]
-    assert trained.accs == pytest.approx({"01": 80.0, "02": 84.0, "03": 86.0})
-    frozen = groups[("banking77", 1, "minilm", "protonet, no meta-training")]
-    assert list(frozen.accs) == ["01"]
-
-    out = tmp_path / "RESULTS.md"
-    out.write_text("# Results\nKept prose.\n")
-    main([str(sweep), "--out", str(out)])
-    text = out.read_text()
-    assert "Kept prose." in text
-    row = next(line for line in text.splitlines() if "protonet, 60 steps" in line)
-    assert "**83.33** ± 1.00" in row and "| 3 |" in row and "01: 80.00" in row
-    assert "ProtAugment (published) | | 89.6" in text and "| 5 | ProtoNet, BERT-base" in text
+def episodes(mean: float, n: int, seed: int) -> list[float]:
+    rng = np.random.default_rng(seed)
+    return list(np.clip(rng.normal(mean, 0.1, n), 0, 1).round(2))
 
 
-def test_report_refuses_two_runs_of_one_split(tmp_path):
-    fake_run(tmp_path / "a", "0", "01", 0.8, steps=60)
-    fake_run(tmp_path / "b", "0", "01", 0.9, steps=60)
-    with pytest.raises(SystemExit, match="split 01"):
-        collect([tmp_path / "a", tmp_path / "b"])
+def test_seed_sweep_is_replicates_and_the_paired_difference_is_per_episode(tmp_path):
+    a, b = {}, {}
+    for split in ("01", "02"):
+        for seed in (0, 1):
+            a[(split, seed)] = episodes(0.8, 40, seed + 10 * int(split))
+            b[(split, seed)] = episodes(0.7, 40, seed + 10 * int(split) + 100)
+            fake_run(tmp_path, f"p{split}{seed}", "protonet", split, a[(split, seed)], seed)
+            fake_run(tmp_path, f"m{split}{seed}", "maml", split, b[(split, seed)], seed)
+    runs, notes = collect([tmp_path])
+    assert len(runs) == 8 and not notes
+    (report,) = build(runs)
+    best, _ = report.lines
+    assert best.row[0] == "protonet, 60 steps" and len(best.runs) == 4
+    (comparison,) = report.comparisons
+    flat_a, flat_b = (np.concatenate([x[k] for k in sorted(x)]) for x in (a, b))
+    diffs = 100 * (flat_b - flat_a)
+    p = comparison.paired
+    assert p.episodes == 160 and p.mean == pytest.approx(diffs.mean())
+    assert p.low < p.mean < p.high < 0
+    assert p.p == pytest.approx(stats.wilcoxon(diffs, zero_method="pratt").pvalue)
+    assert p.p_holm == p.p and p.significant  # one comparison: Holm changes nothing
+    text = markdown(report)
+    assert f"{p.mean:+.2f}" in text and "*" in text and "ProtAugment (published)" in text
 
 
-def test_report_without_out_only_prints(tmp_path, capsys):
-    """Aggregating one's own runs must not overwrite the repository's docs/RESULTS.md."""
-    fake_run(tmp_path, "0", "01", 0.8, steps=60)
-    results = Path(report.__file__).resolve().parents[1] / "docs" / "RESULTS.md"
-    before = results.read_text()
-    main([str(tmp_path)])
-    assert "protonet, 60 steps" in capsys.readouterr().out
-    assert results.read_text() == before
+def test_holm_is_monotone_and_never_below_the_raw_p():
+    raw = [0.01, 0.04, 0.03, float("nan"), 0.5]
+    adjusted = holm(raw)
+    assert adjusted[0] == pytest.approx(0.04) and adjusted[2] == pytest.approx(0.09)
+    assert adjusted[1] == pytest.approx(0.09) and adjusted[4] == pytest.approx(0.5)
+    assert adjusted[3] != adjusted[3]  # NaN stays NaN
+
+
+def test_runs_on_other_episodes_are_never_paired_and_the_report_says_so(tmp_path):
+    a = fake_run(tmp_path, "a", "protonet", "01", episodes(0.8, 20, 0))
+    b = fake_run(tmp_path, "b", "maml", "01", episodes(0.7, 20, 1), eval_seed=99)
+    runs, _ = collect([tmp_path])
+    (report,) = build(runs)
+    (comparison,) = report.comparisons
+    assert (
+        comparison.paired.episodes == 0 and "eval_seed 99 vs 1234" in comparison.paired.unpaired[0]
+    )
+    assert "not paired" in markdown(report) and "Not paired" in markdown(report)
+    by_replicate = {("01", 0): next(r for r in runs if r.folder == a)}
+    other = {("01", 0): next(r for r in runs if r.folder == b)}
+    other[("01", 0)].eval_seed = 1234
+    other[("01", 0)].classes = [["x"]] * 20  # another class split: not the same episodes
+    assert pair(by_replicate, other).episodes == 0
+
+
+def test_the_first_n_episodes_of_a_longer_run_pair_with_a_shorter_run(tmp_path):
+    fake_run(tmp_path, "long", "protonet", "01", episodes(0.8, 60, 0))
+    fake_run(tmp_path, "short", "icl", "01", episodes(0.6, 20, 1))
+    (report,) = build(collect([tmp_path])[0])
+    assert report.comparisons[0].paired.episodes == 20
+
+
+def test_methods_split_by_their_overrides_and_published_rows_stay_in_their_task(tmp_path):
+    fake_run(tmp_path, "lin", "maml", "01", episodes(0.8, 10, 0))
+    options = ["algo.head=verbalizer", "logger=wandb", "train.resume=x"]
+    fake_run(tmp_path, "verb", "maml", "01", episodes(0.7, 10, 1), overrides=options)
+    fake_run(tmp_path, "c", "maml", "01", episodes(0.7, 10, 1), task="clinc150")
+    fake_run(tmp_path, "failed", "maml", "02", episodes(0.1, 10, 1), status="failed")
+    runs, _ = collect([tmp_path])
+    assert {r.method for r in runs} == {"maml, 60 steps", "maml, head=verbalizer, 60 steps"}
+    reports = build(runs)
+    assert [r.title for r in reports] == ["banking77, 5-way 1-shot", "clinc150, 5-way 1-shot"]
+    assert "published" in markdown(reports[0]) and "published" not in markdown(reports[1])
+
+
+def test_report_writes_markdown_plots_and_the_docs_block(tmp_path, capsys):
+    for seed in (0, 1):
+        fake_run(tmp_path / "runs", f"p{seed}", "protonet", "01", episodes(0.8, 10, seed), seed)
+        fake_run(tmp_path / "runs", f"m{seed}", "maml", "01", episodes(0.7, 10, seed + 5), seed)
+    docs = tmp_path / "RESULTS.md"
+    docs.write_text("intro\n<!-- report:results:begin -->\nold\n<!-- report:results:end -->\nend\n")
+    main([str(tmp_path / "runs"), "--out", str(tmp_path / "rep"), "--update", str(docs),
+          "--pair", "maml, 60 steps", "protonet, 60 steps"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "paired difference from the best" in out
+    report_md = (tmp_path / "rep" / "report.md").read_text()
+    pngs = sorted(p.name for p in (tmp_path / "rep").glob("*.png"))
+    assert pngs and all(f"]({name})" in report_md for name in pngs)
+    assert any(n.startswith("accuracy_") for n in pngs)
+    assert all((tmp_path / "rep" / n).read_bytes()[:4] == b"\x89PNG" for n in pngs)
+    text = docs.read_text()
+    assert text.startswith("intro\n") and text.endswith("end\n") and "old" not in text
+    assert "protonet, 60 steps" in text
+
+
+def test_report_on_a_real_multirun_of_two_algorithms_and_two_seeds(tmp_path, synthetic_jsonl):
+    proc = metarun("-m", *FAST, f"task.path={synthetic_jsonl}", "algo=protonet,matchingnet",
+                   "seed=0,1", "train.steps=2", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    proc = metarun_report(tmp_path, "outputs/multirun", "--out", "rep")
+    assert proc.returncode == 0, proc.stderr
+    assert "| 2 (" in proc.stdout  # two seeds are two replicates of one method
+    assert "paired difference from the best" in proc.stdout and "[" in proc.stdout
+    assert (tmp_path / "rep" / "report.md").is_file() and list((tmp_path / "rep").glob("*.png"))
+
+
+def metarun_report(cwd: Path, *args: str):
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("metarun-report")
+    cmd = [exe] if exe else [sys.executable, "-m", "metarun.report.cli"]
+    return subprocess.run([*cmd, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_report_logs_its_tables_and_plots_to_a_wandb_report_run(tmp_path, monkeypatch):
+    from tests.cli_helpers import item_key, wandb_records
+
+    fake_run(tmp_path / "runs", "p", "protonet", "01", episodes(0.8, 10, 0))
+    fake_run(tmp_path / "runs", "m", "maml", "01", episodes(0.6, 10, 1))
+    monkeypatch.chdir(tmp_path)
+    main([str(tmp_path / "runs"), "--out", "rep", "--wandb"])
+    (wandb_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    records = list(wandb_records(wandb_file))
+    (info,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert info.job_type == "report"
+    logged = {item_key(i) for r in records if r.HasField("history") for i in r.history.item}
+    assert any(k.startswith("report/banking77, 5-way 1-shot/") for k in logged)  # the table
+    assert any(k.startswith("plots/accuracy_banking77_5way/") for k in logged)

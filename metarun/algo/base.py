@@ -42,6 +42,9 @@ class Algorithm(nn.Module):
     # decoder) or "causal_lm" (a decoder scoring text continuations). `build_algorithm` refuses
     # an encoder for the latter up front.
     backbone_kind: str = "any"
+    # The method family (metric, gradient, closed-form, model-based, baseline, in-context): the
+    # W&B job type, so dashboards group runs by it without the logger naming any algorithm.
+    family: str = "other"
 
     def __init__(self, encoder: Encoder, way: int) -> None:
         super().__init__()

@@ -30,6 +30,8 @@ from metarun.task.data import episode_label_names
 
 
 class FineTune(Algorithm):
+    family = "baseline"
+
     def __init__(
         self, encoder: Encoder, way: int, head: str, adapt: str, top_k: int, lora_r: int,
         lora_alpha: int, eval_steps: int, eval_lr: float | None, inner_optimizer: str,
@@ -124,6 +126,8 @@ def fit_logistic(
 class FrozenLogReg(Algorithm):
     """The BERT-Freeze baseline: nothing meta-trains; each episode fits its own classifier."""
 
+    family = "baseline"
+
     def __init__(self, encoder: Encoder, way: int, c: float, max_iter: int, normalize: bool):
         super().__init__(encoder, way)
         if c <= 0 or max_iter < 1:
@@ -146,6 +150,8 @@ class ZeroShot(Algorithm):
 
     Training, when asked for, pulls texts towards their class names on meta-train classes.
     """
+
+    family = "baseline"
 
     def __init__(
         self, encoder: Encoder, way: int, template: str, temperature: float,

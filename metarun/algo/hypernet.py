@@ -33,6 +33,8 @@ def lora_pairs(model: nn.Module) -> list[tuple[str, str]]:
 
 
 class HyperNet(Algorithm):
+    family = "model-based"
+
     def __init__(
         self, encoder: Encoder, way: int, hidden: int, generate_lora: bool, lora_r: int,
         lora_alpha: int, head_lr: float,

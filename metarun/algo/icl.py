@@ -34,6 +34,7 @@ LOSSES = ("lm", "ce")
 
 
 class InContext(Algorithm):
+    family = "in-context"
     backbone_kind = "causal_lm"
     feature_cache = False  # predictions come from prompts, not cached embeddings
 

@@ -18,6 +18,8 @@ BACKENDS = ("func", "higher")
 
 
 class MAML(Algorithm):
+    family = "gradient"
+
     def __init__(
         self, encoder: Encoder, way: int, adapt: str, top_k: int, inner_steps: int,
         eval_inner_steps: int, inner_lr: float | None, head_init: str, inner_optimizer: str,

@@ -27,6 +27,8 @@ class RelationNet(Algorithm):
     `loss=ce` treats the scores as logits.
     """
 
+    family = "metric"
+
     def __init__(self, encoder: Encoder, way: int, hidden: int, loss: str, head_lr: float) -> None:
         super().__init__(encoder, way)
         self.head_lr = head_lr
@@ -64,6 +66,8 @@ class MatchingNet(Algorithm):
     """Vinyals et al. (2016): softmax attention over support examples by cosine similarity; the
     prediction is the attention mass on each class. `fce` adds the paper's full-context
     embedding of the support set (a bidirectional LSTM over it, added to each embedding)."""
+
+    family = "metric"
 
     def __init__(
         self, encoder: Encoder, way: int, temperature: float, learn_temperature: bool, fce: bool,

@@ -30,6 +30,8 @@ def metric_logits(queries: torch.Tensor, protos: torch.Tensor, metric: str) -> t
 
 
 class ProtoNet(Algorithm):
+    family = "metric"
+
     def __init__(
         self,
         encoder: Encoder,

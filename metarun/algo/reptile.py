@@ -18,6 +18,8 @@ from metarun.task import Episode, Examples, TaskData
 
 
 class Reptile(Algorithm):
+    family = "gradient"
+
     def __init__(
         self, encoder: Encoder, way: int, adapt: str, top_k: int, inner_steps: int,
         eval_inner_steps: int, inner_lr: float | None, head_init: str, inner_optimizer: str,

@@ -28,6 +28,8 @@ def ridge_solve(x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor) -> torch.Te
 
 
 class RidgeHead(Algorithm):
+    family = "closed-form"
+
     def __init__(
         self, encoder: Encoder, way: int, lam: float, learn_lambda: bool, scale: float
     ) -> None:

@@ -1,0 +1,163 @@
+"""`metarun-predict RUN --support labelled.csv --queries texts.csv`: a trained run labels new
+texts. The algorithm adapts on the labelled examples (one episode, its classes those of the
+support file) exactly as in a test episode, then scores every query.
+
+    metarun-predict outputs/runs/maml_b77 --support few.csv --queries new.jsonl --out pred.csv
+
+Files: jsonl, json, csv or parquet, read as the run's task read them (its text and label
+columns unless --text-column / --label-column say otherwise). The output has the query's text,
+the predicted label and one probability column per class (prob_<label>).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from metarun.algo import build_algorithm
+from metarun.backbone import load_backbone
+from metarun.config import MetarunConfig, register_configs
+from metarun.errors import MetarunError
+from metarun.reuse import load_trained, source_config
+from metarun.task import Examples, TaskData
+from metarun.task.data import readable
+from metarun.task.rows import as_text, group_rows, read_rows
+
+log = logging.getLogger("metarun")
+OUTPUTS = (".csv", ".jsonl", ".parquet")
+BATCH = 256  # queries scored per forward: bounds memory for files of any length
+
+
+def read_support(path: Path, text_col: str, label_col: str, labels: list[str] | None):
+    by_label, _ = group_rows(read_rows(path, "utf-8"), text_col, label_col, f"--support {path}")
+    classes = labels or sorted(by_label)
+    absent = [c for c in classes if c not in by_label]
+    if absent:
+        raise MetarunError(f"--support {path} has no example of class {', '.join(absent[:5])}; "
+                           "give at least one labelled text per class")  # fmt: skip
+    extra = sorted(set(by_label) - set(classes))
+    if extra:
+        raise MetarunError(f"--support {path} labels texts {', '.join(extra[:5])}, which "
+                           "--labels does not list")  # fmt: skip
+    if len(classes) < 2:
+        raise MetarunError(f"--support {path} has {len(classes)} class; predicting needs >= 2")
+    return classes, by_label
+
+
+def read_queries(path: Path, text_col: str) -> list[str]:
+    rows = read_rows(path, "utf-8")
+    if not rows:
+        raise MetarunError(f"--queries {path} holds no rows")
+    texts, empty = [], []
+    for number, row in rows:
+        if text_col not in row:
+            raise MetarunError(f"--queries {path}, line {number}: no '{text_col}' field; set "
+                               "--text-column")  # fmt: skip
+        text = as_text(row[text_col])
+        (empty.append(number) if text is None else texts.append(text))
+    if empty:
+        raise MetarunError(f"--queries {path}: {len(empty)} rows have an empty text (lines "
+                           f"{', '.join(map(str, empty[:5]))})")  # fmt: skip
+    return texts
+
+
+def write_predictions(path: Path, rows: list[dict]) -> None:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    elif suffix == ".csv":
+        import csv
+
+        with path.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+def predict(run: Path, support: Path, queries: Path, text_col: str | None = None,
+            label_col: str | None = None, labels: list[str] | None = None,
+            device: str = "cpu") -> list[dict]:  # fmt: skip
+    """The rows of the output: each query's text, predicted label and class probabilities."""
+    register_configs()
+    config = source_config(run, "RUN")
+    merged = OmegaConf.merge(OmegaConf.structured(MetarunConfig), config)
+    typed: MetarunConfig = OmegaConf.to_object(merged)
+    text_col = text_col or typed.task.text_column
+    label_col = label_col or typed.task.label_column
+    classes, by_label = read_support(support, text_col, label_col, labels)
+    query_texts = read_queries(queries, text_col)
+    support_texts = [t for c in classes for t in by_label[c]]
+    support_labels = [i for i, c in enumerate(classes) for _ in by_label[c]]
+    texts = support_texts + query_texts
+    encoder = load_backbone(typed.backbone)
+    encoder.set_texts(texts)
+    ids = {c: np.array([i for i, lab in enumerate(support_labels) if lab == k])
+           for k, c in enumerate(classes)}  # fmt: skip
+    data = TaskData(
+        texts, {"train": ids, "valid": {}, "test": ids}, {c: readable(c) for c in classes}
+    )
+    algo = build_algorithm(merged.algo, encoder, len(classes))
+    algo.prepare(data)
+    if (run / "checkpoint.pt").is_file():
+        load_trained(algo, run, "RUN")
+    else:
+        log.info("%s has no checkpoint.pt (train.steps=0): the untrained model adapts", run)
+    algo = algo.to(device).eval()
+    shots = Examples(torch.arange(len(support_texts)), torch.tensor(support_labels), tuple(classes))
+    probs = []
+    with torch.no_grad():
+        predictor = algo.adapt(shots, len(classes))
+        for start in range(len(support_texts), len(texts), BATCH):
+            part = torch.arange(start, min(start + BATCH, len(texts)))
+            batch = Examples(part, torch.zeros(len(part), dtype=torch.long), tuple(classes))
+            probs.append(torch.softmax(predictor(batch).float(), -1).cpu())
+    table = torch.cat(probs).numpy()
+    return [{text_col: text, "predicted": classes[int(p.argmax())],
+             **{f"prob_{c}": round(float(p[k]), 6) for k, c in enumerate(classes)}}
+            for text, p in zip(query_texts, table, strict=True)]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="metarun-predict", description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[2:]),
+    )  # fmt: skip
+    parser.add_argument("run", type=Path, help="a metarun run folder")
+    parser.add_argument("--support", type=Path, required=True, help="labelled examples")
+    parser.add_argument("--queries", type=Path, required=True, help="texts to label")
+    parser.add_argument("--out", type=Path, default=Path("predictions.csv"),
+                        help="csv, jsonl or parquet (default: predictions.csv)")  # fmt: skip
+    parser.add_argument("--text-column", help="default: the run's task.text_column")
+    parser.add_argument("--label-column", help="default: the run's task.label_column")
+    parser.add_argument("--labels", nargs="+", help="the classes to choose among (default: all "
+                        "labels of the support file); each needs an example")  # fmt: skip
+    parser.add_argument("--device", default="cpu", help="cpu | cuda (default: cpu)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if args.out.suffix.lower() not in OUTPUTS:
+            raise MetarunError(f"--out {args.out}: use a {', '.join(OUTPUTS)} file")
+        rows = predict(args.run, args.support, args.queries, args.text_column, args.label_column,
+                       args.labels, args.device)  # fmt: skip
+        write_predictions(args.out, rows)
+    except MetarunError as err:
+        print(f"metarun-predict: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    log.info("%d predictions written to %s", len(rows), args.out)
+
+
+if __name__ == "__main__":
+    main()

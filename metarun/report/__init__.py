@@ -1,0 +1,1 @@
+"""`metarun-report`: finished runs compared, with paired tests on their identical episodes."""

@@ -1,0 +1,137 @@
+"""Finished run folders as rows of a comparison: what was run (task, shape, backbone, method),
+which replicate it is (class split, seed), and its per-episode test accuracies.
+
+A method is the algorithm option, the overrides of its command that change what runs
+(`algo.*`, `backbone.*`, `train.*`) and its number of meta-training steps: `maml` with the
+verbalizer head and `maml` with a linear head are two methods, and a seed sweep is replicates
+of one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+# Options that name where data lives rather than what it is: the task is named by its data.
+DATA_CHOICES = ("local",)
+
+
+@dataclass
+class Run:
+    folder: Path
+    task: str  # the data's name: banking77, clinc150, icd10, or a local file's / folder's name
+    way: int
+    shots: int
+    backbone: str
+    method: str
+    split: str
+    seed: int
+    eval_seed: int
+    acc: float  # test accuracy, 0-1
+    ci95: float
+    seconds: float
+    episodes: list[float] | None  # per-episode test accuracy, when test_episodes.json exists
+    classes: list[list[str]] | None  # each test episode's classes: what makes episodes equal
+
+    @property
+    def group(self) -> tuple[str, int, int]:
+        """Runs of one group answer one question: same data, way and shots."""
+        return (self.task, self.way, self.shots)
+
+    @property
+    def row(self) -> tuple[str, str]:
+        return (self.method, self.backbone)
+
+    @property
+    def replicate(self) -> tuple[str, int]:
+        return (self.split, self.seed)
+
+
+def task_name(summary: dict[str, Any], config: dict[str, Any]) -> str:
+    choice = str(summary.get("task", "?"))
+    if choice not in DATA_CHOICES:
+        return choice
+    task = config.get("task", {})
+    where = task.get("data_dir") or task.get("path") or choice
+    path = Path(str(where))
+    return path.stem if path.suffix else path.name
+
+
+# Overrides that say where or how a run was kept, not what was run: they never split methods.
+BOOKKEEPING = ("task", "seed", "run_dir", "logger", "hardware", "hydra", "train.steps",
+               "train.resume", "train.save_checkpoint", "train.checkpoint_interval")  # fmt: skip
+
+
+def method_options(folder: Path) -> list[str]:
+    """The command's overrides that change what is run (`algo.*`, `backbone.*`, `train.*`),
+    from .hydra/overrides.yaml; the algorithm and backbone options themselves excluded."""
+    path = folder / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    options = []
+    for override in yaml.safe_load(path.read_text()) or []:
+        text = str(override).lstrip("+~")
+        key = text.split("=", 1)[0]
+        if "." in key and not key.startswith(BOOKKEEPING) and not key.startswith("experiment"):
+            options.append(text.removeprefix("algo."))
+    return sorted(options)
+
+
+def method_name(summary: dict[str, Any], config: dict[str, Any], folder: Path) -> str:
+    algo = str(summary.get("algo") or config["algo"]["_target_"].rsplit(".", 1)[-1])
+    steps = int(summary.get("train", {}).get("steps_done") or 0)  # 0 when nothing could train
+    trained = "no meta-training" if steps == 0 else f"{steps} steps"
+    return ", ".join([algo, *method_options(folder), trained])
+
+
+def read_run(summary_path: Path) -> Run | None:
+    """A completed run, or None (failed, interrupted, or not a metarun folder)."""
+    folder = summary_path.parent
+    summary = json.loads(summary_path.read_text())
+    config_path = folder / "config.yaml"
+    if summary.get("status") != "completed" or not config_path.is_file():
+        return None
+    config = yaml.safe_load(config_path.read_text())
+    seeds = summary.get("seeds", {})
+    episodes = classes = None
+    eval_seed = int(seeds.get("eval_seed", config.get("task", {}).get("eval_seed", -1)))
+    per_episode = folder / "test_episodes.json"
+    if per_episode.is_file():
+        record = json.loads(per_episode.read_text())
+        episodes, classes = record["accuracy"], record.get("classes")
+        eval_seed = int(record.get("eval_seed", eval_seed))
+    return Run(
+        folder=folder, task=task_name(summary, config), way=int(summary.get("way", 0)),
+        shots=int(summary["shots"]), backbone=str(summary.get("backbone", "?")),
+        method=method_name(summary, config, folder), split=str(seeds.get("split", "?")),
+        seed=int(seeds.get("seed", config.get("seed", 0))), eval_seed=eval_seed,
+        acc=float(summary["test"]["acc"]), ci95=float(summary["test"]["acc_ci95"] or 0.0),
+        seconds=float(summary.get("wall_seconds", 0.0)), episodes=episodes, classes=classes,
+    )  # fmt: skip
+
+
+def collect(folders: list[Path]) -> tuple[list[Run], list[str]]:
+    """Every completed run below `folders`, and notes on what was left out. Two runs of one
+    method on one replicate (a re-run) count once: the newer."""
+    chosen: dict[tuple, tuple[float, Run]] = {}
+    notes: list[str] = []
+    for path in sorted({p.resolve() for f in folders for p in Path(f).rglob("summary.json")}):
+        run = read_run(path)
+        if run is None:
+            continue
+        key = (run.group, run.row, run.replicate)
+        mtime = path.stat().st_mtime
+        if key in chosen:
+            older = min(chosen[key], (mtime, run), key=lambda t: t[0])[1]
+            notes.append(f"{older.folder}: a second run of the same method and replicate; "
+                         "the newer one counts")  # fmt: skip
+            if mtime < chosen[key][0]:
+                continue
+        chosen[key] = (mtime, run)
+    return [run for _, run in chosen.values()], notes
