@@ -21,13 +21,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from metarun.algo import algorithm_class, algorithm_kwargs, build_algorithm
+from metarun.algo import Algorithm, algorithm_class, algorithm_kwargs, build_algorithm
 from metarun.backbone import Encoder, load_backbone
 from metarun.checks import check_config
 from metarun.config import HardwareConfig, MetarunConfig
 from metarun.distributed import Dist, init_distributed, shutdown
 from metarun.errors import MetarunError, RunInterrupted
-from metarun.evaluate import evaluate
+from metarun.evaluate import EvalResult, evaluate
 from metarun.logger import JsonlSink, Logger, StdoutSink, WandbSink
 from metarun.record import git_commit, load_checkpoint, versions, write_json
 from metarun.resume import STATE_FILE, check_same_run, trim_metrics
@@ -239,16 +239,7 @@ def _run(
         needed = ("train", "valid", "test") if typed.train.steps > 0 else ("test",)
         check_feasible(data, typed.task, needed)
         log.info("task %s: %s", choices.get("task"), data.summary())
-        encoder = load_backbone(typed.backbone)
-        encoder.set_texts(data.texts)
-        summary["truncated_texts"] = check_truncation(encoder, typed.backbone.max_length)
-        algo = build_algorithm(cfg.algo, encoder, typed.task.way)
-        algo.prepare(data)
-        if typed.init_from:
-            source = Path(typed.init_from)
-            check_same_model(source_config(source), resolved, source)
-            summary["init_from"] = load_trained(algo, source)
-        algo = algo.to(device)
+        algo = build_model(typed, cfg, resolved, data, summary).to(device)
         dist.sync_module(algo)
         sampler, val, test = make_episodes(data, typed)
         wandb_id = state["wandb_run_id"] if state else None
@@ -266,11 +257,7 @@ def _run(
             result = evaluate(algo, test, autocast, dist, progress="test" if progress else None)
         logger.log(result.metrics("test"), fit.steps_done)
         if dist.main:
-            write_json(run_dir / "test_episodes.json", {
-                "eval_seed": typed.task.eval_seed, "accuracy": result.accuracies.tolist(),
-                "macro_f1": result.macro_f1s.tolist(),
-                "classes": [list(ep.classes) for ep in test],
-            })  # fmt: skip
+            write_json(run_dir / "test_episodes.json", episode_record(result, test, typed))
         summary |= {
             "status": "completed",
             "test": {"acc": result.acc, "acc_ci95": result.ci95, "f1": result.f1,
@@ -295,6 +282,31 @@ def _run(
             "git_commit": env["git_commit"], "processes": dist.world,
         }  # fmt: skip
         finish(run_dir, summary, logger, handler, dist)
+
+
+def build_model(
+    typed: MetarunConfig, cfg: DictConfig, resolved: dict, data: TaskData, summary: dict
+) -> Algorithm:
+    """The backbone with the task's texts, the algorithm on it, and (init_from) the weights of
+    a trained run; what was truncated and loaded goes into the summary."""
+    encoder = load_backbone(typed.backbone)
+    encoder.set_texts(data.texts)
+    summary["truncated_texts"] = check_truncation(encoder, typed.backbone.max_length)
+    algo = build_algorithm(cfg.algo, encoder, typed.task.way)
+    algo.prepare(data)
+    if typed.init_from:
+        source = Path(typed.init_from)
+        check_same_model(source_config(source), resolved, source)
+        summary["init_from"] = load_trained(algo, source)
+    return algo
+
+
+def episode_record(result: EvalResult, test: list, typed: MetarunConfig) -> dict[str, Any]:
+    """test_episodes.json: what paired comparisons read (metarun-report)."""
+    return {
+        "eval_seed": typed.task.eval_seed, "accuracy": result.accuracies.tolist(),
+        "macro_f1": result.macro_f1s.tolist(), "classes": [list(ep.classes) for ep in test],
+    }  # fmt: skip
 
 
 def finish(
