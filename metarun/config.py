@@ -60,6 +60,9 @@ class TaskConfig:
     val_episodes: int = 100
     test_episodes: int = 600
     eval_seed: int = 1234  # fixes validation and test episodes across algorithms and runs
+    # Each class's readable name joins its support set as one more example (label semantics
+    # for every algorithm); the episodes' draws are unchanged, so runs with and without pair
+    names_as_examples: bool = False
 
 
 @dataclass
@@ -94,6 +97,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # max gradient norm; 0 disables
     val_interval: int = 20  # validate every N outer steps (and after the last)
     patience: int = 0  # stop after N validations without improvement; 0 disables
+    # Validate the starting weights too (step 0): a run whose training never beats them ends
+    # with them, so meta-training can only help on validation classes
+    val_at_start: bool = False
     save_checkpoint: bool = True  # checkpoint.pt: the best validation weights
     checkpoint_interval: int = 0  # save the resumable state (last.pt) every N steps; 0: at each
     # validation. Always saved at the end, at an early stop and on Ctrl-C.

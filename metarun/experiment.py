@@ -133,13 +133,14 @@ def make_episodes(data: TaskData, cfg: MetarunConfig) -> tuple[EpisodeSampler, l
     """Training sampler (run seed) and the fixed validation / test episodes (eval seed)."""
     task = cfg.task
     shape = (task.way, task.shots, task.queries)
-    sampler = EpisodeSampler(data.splits["train"], *shape, seed=[cfg.seed, STREAM["train"]])
+    names = data.name_ids if task.names_as_examples else None
+    sampler = EpisodeSampler(data.splits["train"], *shape, [cfg.seed, STREAM["train"]], names)
     val = []
     if cfg.train.steps > 0:
-        val = fixed_episodes(
-            data.splits["valid"], *shape, task.val_episodes, task.eval_seed, "valid"
-        )
-    test = fixed_episodes(data.splits["test"], *shape, task.test_episodes, task.eval_seed, "test")
+        val = fixed_episodes(data.splits["valid"], *shape, task.val_episodes, task.eval_seed,
+                             "valid", names)  # fmt: skip
+    test = fixed_episodes(data.splits["test"], *shape, task.test_episodes, task.eval_seed,
+                          "test", names)  # fmt: skip
     return sampler, val, test
 
 

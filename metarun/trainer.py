@@ -235,6 +235,8 @@ class Trainer:
                 log.info("nothing to meta-train (frozen encoder, no algorithm parameters): "
                          "evaluating only")  # fmt: skip
             return FitResult(0, None, None, 0.0, None)
+        if cfg.val_at_start and self.done == 0 and self.best_acc is None:
+            self.validate(0)  # the starting weights compete with every trained step
         self.algo.train()
         first = self.done + 1
         bar = tqdm(range(first, cfg.steps + 1), desc="meta-train", disable=not self.progress,

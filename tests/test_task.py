@@ -174,3 +174,20 @@ def test_split_dir_falls_back_to_the_split_formats_label_field(tmp_path):
     data = load_task(cfg)
     assert sorted(data.splits["test"]) == ["g", "h", "i"]
     assert all(len(ids) == 3 for ids in data.splits["train"].values())
+
+
+def test_names_as_examples_add_one_named_example_per_class_and_keep_the_draws(synthetic_jsonl):
+    plain = load_task(TaskConfig(path=str(synthetic_jsonl), shots=2, queries=2))
+    named = load_task(TaskConfig(path=str(synthetic_jsonl), shots=2, queries=2,
+                                 names_as_examples=True))  # fmt: skip
+    assert plain.name_ids == {} and named.texts[: len(plain.texts)] == plain.texts
+    assert all(named.texts[i] == named.label_names[c] for c, i in named.name_ids.items())
+    split = named.splits["test"]
+    a = fixed_episodes(split, 3, 2, 2, 5, 0, "test")
+    b = fixed_episodes(split, 3, 2, 2, 5, 0, "test", named.name_ids)
+    for x, y in zip(a, b, strict=True):
+        assert x.classes == y.classes and torch.equal(x.query.ids, y.query.ids)
+        assert torch.equal(y.support.ids[:6], x.support.ids) and len(y.support) == 9
+        names = y.support.ids[6:].tolist()
+        assert names == [named.name_ids[c] for c in y.classes]
+        assert y.support.labels[6:].tolist() == [0, 1, 2] and y.shot == 2

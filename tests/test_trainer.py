@@ -79,6 +79,27 @@ def test_early_stopping_and_best_state_restored(
     assert saved["step"] == 4 and saved["val_acc"] == 0.9
 
 
+def test_val_at_start_keeps_the_starting_weights_when_training_never_beats_them(
+    tiny_encoder, synthetic_task, tmp_path, monkeypatch
+):
+    tiny_encoder.set_texts(synthetic_task.texts)
+    algo = ProtoNet(tiny_encoder, 3, "euclidean", 1.0, False)
+    start = {n: p.detach().clone() for n, p in algo.named_parameters() if p.requires_grad}
+    trainer = _trainer(algo, synthetic_task, tmp_path, steps=4, val_at_start=True)
+    scores = iter([0.9, 0.5, 0.6])  # step 0, then steps 2 and 4
+
+    def fake_evaluate(algo, episodes, autocast=None, dist=None):
+        acc = next(scores)
+        return EvalResult(np.full(3, acc), np.full(3, acc))
+
+    monkeypatch.setattr("metarun.trainer.evaluate", fake_evaluate)
+    fit = trainer.fit()
+    assert fit.steps_done == 4 and fit.best_step == 0 and fit.best_val_acc == 0.9
+    current = trainer.trainable_state()
+    assert all(torch.equal(current[k], v) for k, v in start.items())
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 0
+
+
 def test_steps_zero_trains_nothing(tiny_encoder, synthetic_task, tmp_path):
     tiny_encoder.set_texts(synthetic_task.texts)
     algo = ProtoNet(tiny_encoder, 3, "euclidean", 1.0, False)

@@ -28,6 +28,9 @@ class TaskData:
     label_names: dict[str, str] = field(default_factory=dict)  # class -> readable name
     dropped: dict[str, int] = field(default_factory=dict)  # split -> classes too small
     rows: dict[str, int] = field(default_factory=dict)  # what reading found (rows.RowCounts)
+    # class -> the id of its readable name in `texts` (task.names_as_examples; zero-shot reads
+    # names through label_names); names are texts of the table, never of a class's pool
+    name_ids: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> dict:
         return {
@@ -108,7 +111,6 @@ def episode_label_names(
 def load_task(cfg: TaskConfig) -> TaskData:
     by_label, published, names, counts = _read(cfg)
     split = published or seeded_class_split(list(by_label), list(cfg.class_split), cfg.split_seed)
-    texts: list[str] = []
     index: dict[str, int] = {}
     splits: dict[str, dict[str, np.ndarray]] = {}
     dropped: dict[str, int] = {}
@@ -130,9 +132,11 @@ def load_task(cfg: TaskConfig) -> TaskData:
                 len(split[name]),
                 need,
             )
-    texts = list(index)
     label_names = {lab: names.get(lab) or readable(lab) for s in splits.values() for lab in s}
-    return TaskData(texts, splits, label_names, dropped, counts)
+    name_ids = {}
+    if cfg.names_as_examples:  # the names join the text table only when asked
+        name_ids = {lab: index.setdefault(name, len(index)) for lab, name in label_names.items()}
+    return TaskData(list(index), splits, label_names, dropped, counts, name_ids)
 
 
 def check_feasible(data: TaskData, cfg: TaskConfig, needed: tuple[str, ...]) -> None:

@@ -44,16 +44,26 @@ def _examples(
     return Examples(torch.from_numpy(ids[order]), torch.from_numpy(labels[order]), classes)
 
 
+def with_names(support: Examples, name_ids: list[int]) -> Examples:
+    """The support set plus one example per class: the text of its name, labelled as it."""
+    ids = torch.cat([support.ids, torch.tensor(name_ids, dtype=support.ids.dtype)])
+    labels = torch.cat([support.labels, torch.arange(len(name_ids), dtype=support.labels.dtype)])
+    return Examples(ids, labels, support.classes)
+
+
 class EpisodeSampler:
     """Draws episodes from one split's classes; its generator is its own and checkpointable."""
 
     def __init__(
-        self, classes: dict[str, np.ndarray], way: int, shot: int, queries: int, seed: Any
-    ) -> None:
+        self, classes: dict[str, np.ndarray], way: int, shot: int, queries: int, seed: Any,
+        name_ids: dict[str, int] | None = None,
+    ) -> None:  # fmt: skip
         self.names = sorted(classes)
         self.pools = [classes[n] for n in self.names]
         self.way, self.shot, self.queries = way, shot, queries
         self.rng = np.random.default_rng(seed)
+        # task.names_as_examples: each class's name text joins its support set (label semantics)
+        self.name_ids = name_ids
 
     def sample(self) -> Episode:
         chosen = self.rng.choice(len(self.names), size=self.way, replace=False)
@@ -63,8 +73,11 @@ class EpisodeSampler:
             support.append(picks[: self.shot])
             query.append(picks[self.shot :])
         classes = tuple(self.names[c] for c in chosen)
+        shots = _examples(support, classes, self.rng)
+        if self.name_ids is not None:  # appended after the draws: the episodes stay the same
+            shots = with_names(shots, [self.name_ids[c] for c in classes])
         return Episode(
-            support=_examples(support, classes, self.rng),
+            support=shots,
             query=_examples(query, classes, self.rng),
             way=self.way,
             shot=self.shot,
@@ -83,8 +96,9 @@ STREAM = {"train": 0, "valid": 1, "test": 2}
 
 
 def fixed_episodes(
-    classes: dict[str, np.ndarray], way: int, shot: int, queries: int, n: int, seed: int, split: str
-) -> list[Episode]:
+    classes: dict[str, np.ndarray], way: int, shot: int, queries: int, n: int, seed: int,
+    split: str, name_ids: dict[str, int] | None = None,
+) -> list[Episode]:  # fmt: skip
     """The same `n` episodes for every run and algorithm given (classes, shape, seed, split)."""
-    sampler = EpisodeSampler(classes, way, shot, queries, seed=[seed, STREAM[split]])
+    sampler = EpisodeSampler(classes, way, shot, queries, [seed, STREAM[split]], name_ids)
     return [sampler.sample() for _ in range(n)]
