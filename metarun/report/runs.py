@@ -86,8 +86,11 @@ def method_options(folder: Path) -> list[str]:
 def method_name(summary: dict[str, Any], config: dict[str, Any], folder: Path) -> str:
     algo = str(summary.get("algo") or config["algo"]["_target_"].rsplit(".", 1)[-1])
     steps = int(summary.get("train", {}).get("steps_done") or 0)  # 0 when nothing could train
-    trained = "no meta-training" if steps == 0 else f"{steps} steps"
-    return ", ".join([algo, *method_options(folder), trained])
+    source = (summary.get("init_from") or {}).get("run")
+    start = [f"from {Path(source).name}"] if source else []  # weights trained elsewhere
+    trained = ("no further training" if source else "no meta-training") if steps == 0 else (
+        f"{steps} steps")  # fmt: skip
+    return ", ".join([algo, *method_options(folder), *start, trained])
 
 
 def read_run(summary_path: Path) -> Run | None:
