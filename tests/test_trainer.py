@@ -54,23 +54,29 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_what_was_written(
     assert all(torch.isfinite(p).all() for p in algo.parameters())  # no NaN step was applied
 
 
+def scripted_validation(monkeypatch, scores: list[float]) -> list[dict]:
+    """Validation returns `scores` in turn; the returned list fills with the trainable weights
+    each validation saw."""
+    it, snapshots = iter(scores), []
+
+    def fake_evaluate(algo, episodes, autocast=None, dist=None):
+        snapshots.append(
+            {n: p.detach().clone() for n, p in algo.named_parameters() if p.requires_grad}
+        )
+        acc = next(it)
+        return EvalResult(np.full(3, acc), np.full(3, acc))
+
+    monkeypatch.setattr("metarun.trainer.evaluate", fake_evaluate)
+    return snapshots
+
+
 def test_early_stopping_and_best_state_restored(
     tiny_encoder, synthetic_task, tmp_path, monkeypatch
 ):
     tiny_encoder.set_texts(synthetic_task.texts)
     algo = ProtoNet(tiny_encoder, 3, "euclidean", 1.0, False)
     trainer = _trainer(algo, synthetic_task, tmp_path, steps=20, patience=2)
-    scores = iter([0.5, 0.9, 0.6, 0.7, 0.8])  # best at the 2nd validation (step 4)
-    snapshots = []
-
-    def fake_evaluate(algo, episodes, autocast=None, dist=None):
-        snapshots.append(
-            {n: p.detach().clone() for n, p in algo.named_parameters() if p.requires_grad}
-        )
-        acc = next(scores)
-        return EvalResult(np.full(3, acc), np.full(3, acc))
-
-    monkeypatch.setattr("metarun.trainer.evaluate", fake_evaluate)
+    snapshots = scripted_validation(monkeypatch, [0.5, 0.9, 0.6, 0.7, 0.8])  # best: step 4
     fit = trainer.fit()
     assert fit.steps_done == 8 and fit.best_step == 4 and fit.best_val_acc == 0.9
     current = trainer.trainable_state()
@@ -86,13 +92,7 @@ def test_val_at_start_keeps_the_starting_weights_when_training_never_beats_them(
     algo = ProtoNet(tiny_encoder, 3, "euclidean", 1.0, False)
     start = {n: p.detach().clone() for n, p in algo.named_parameters() if p.requires_grad}
     trainer = _trainer(algo, synthetic_task, tmp_path, steps=4, val_at_start=True)
-    scores = iter([0.9, 0.5, 0.6])  # step 0, then steps 2 and 4
-
-    def fake_evaluate(algo, episodes, autocast=None, dist=None):
-        acc = next(scores)
-        return EvalResult(np.full(3, acc), np.full(3, acc))
-
-    monkeypatch.setattr("metarun.trainer.evaluate", fake_evaluate)
+    scripted_validation(monkeypatch, [0.9, 0.5, 0.6])  # step 0, then steps 2 and 4
     fit = trainer.fit()
     assert fit.steps_done == 4 and fit.best_step == 0 and fit.best_val_acc == 0.9
     current = trainer.trainable_state()
