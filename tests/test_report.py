@@ -105,16 +105,25 @@ def test_the_first_n_episodes_of_a_longer_run_pair_with_a_shorter_run(tmp_path):
 
 def test_methods_split_by_their_overrides_and_published_rows_stay_in_their_task(tmp_path):
     fake_run(tmp_path, "lin", "maml", "01", episodes(0.8, 10, 0))
-    options = ["algo.head=verbalizer", "logger=wandb", "train.resume=x"]
+    options = ["algo.head=verbalizer", "logger=wandb", "train.resume=x", "task.split=01"]
     fake_run(tmp_path, "verb", "maml", "01", episodes(0.7, 10, 1), overrides=options)
     fake_run(tmp_path, "c", "maml", "01", episodes(0.7, 10, 1), task="clinc150")
     fake_run(tmp_path, "failed", "maml", "02", episodes(0.1, 10, 1), status="failed")
     reused = fake_run(tmp_path, "reused", "maml", "01", episodes(0.7, 10, 2), steps=0)
     summary = json.loads((reused / "summary.json").read_text())
     (reused / "summary.json").write_text(json.dumps(summary | {"init_from": {"run": "x/b77"}}))
+    fake_run(
+        tmp_path,
+        "named",
+        "maml",
+        "01",
+        episodes(0.7, 10, 3),
+        overrides=["task.names_as_examples=true"],
+    )  # a task option that changes the method
     runs, _ = collect([tmp_path])
     assert {r.method for r in runs} == {"maml, 60 steps", "maml, head=verbalizer, 60 steps",
-                                        "maml, from b77, no further training"}  # fmt: skip
+                                        "maml, from b77, no further training",
+                                        "maml, task.names_as_examples=true, 60 steps"}  # fmt: skip
     reports = build(runs)
     assert [r.title for r in reports] == ["banking77, 5-way 1-shot", "clinc150, 5-way 1-shot"]
     assert "published" in markdown(reports[0]) and "published" not in markdown(reports[1])

@@ -63,14 +63,27 @@ def task_name(summary: dict[str, Any], config: dict[str, Any]) -> str:
     return path.stem if path.suffix else path.name
 
 
-# Overrides that say where or how a run was kept, not what was run: they never split methods.
-BOOKKEEPING = ("task", "seed", "run_dir", "logger", "hardware", "hydra", "train.steps",
-               "train.resume", "train.save_checkpoint", "train.checkpoint_interval")  # fmt: skip
+# Overrides that say where a run's data lives, which group and replicate it is, or how it was
+# kept, not what was run: they never split methods. Any other override does (algo.*,
+# backbone.*, train.*, and task options such as task.names_as_examples).
+BOOKKEEPING_GROUPS = ("seed", "run_dir", "run_dir_mode", "logger", "hardware", "hydra",
+                      "experiment")  # fmt: skip
+BOOKKEEPING_KEYS = ("train.steps", "train.resume", "train.save_checkpoint",
+                    "train.checkpoint_interval")  # fmt: skip
+TASK_KEYS = ("way", "shots", "queries", "split", "data_dir", "path", "hub_config", "source",
+             "text_column", "label_column", "encoding", "on_invalid_rows", "class_split",
+             "split_seed", "eval_seed", "val_episodes", "test_episodes")  # fmt: skip
+
+
+def is_bookkeeping(key: str) -> bool:
+    if key.startswith("task."):
+        return key.removeprefix("task.") in TASK_KEYS
+    return key.split(".")[0] in BOOKKEEPING_GROUPS or key in BOOKKEEPING_KEYS
 
 
 def method_options(folder: Path) -> list[str]:
-    """The command's overrides that change what is run (`algo.*`, `backbone.*`, `train.*`),
-    from .hydra/overrides.yaml; the algorithm and backbone options themselves excluded."""
+    """The command's overrides that change what is run, from .hydra/overrides.yaml; group
+    choices (algo=, backbone=) and bookkeeping excluded."""
     path = folder / ".hydra" / "overrides.yaml"
     if not path.is_file():
         return []
@@ -78,7 +91,7 @@ def method_options(folder: Path) -> list[str]:
     for override in yaml.safe_load(path.read_text()) or []:
         text = str(override).lstrip("+~")
         key = text.split("=", 1)[0]
-        if "." in key and not key.startswith(BOOKKEEPING) and not key.startswith("experiment"):
+        if "." in key and not is_bookkeeping(key):
             options.append(text.removeprefix("algo."))
     return sorted(options)
 
@@ -132,9 +145,13 @@ def collect(folders: list[Path]) -> tuple[list[Run], list[str]]:
         mtime = path.stat().st_mtime
         if key in chosen:
             older = min(chosen[key], (mtime, run), key=lambda t: t[0])[1]
-            notes.append(f"{older.folder}: a second run of the same method and replicate; "
-                         "the newer one counts")  # fmt: skip
+            notes.append(str(older.folder))
             if mtime < chosen[key][0]:
                 continue
         chosen[key] = (mtime, run)
+    if notes:
+        notes = [
+            f"{len(notes)} run(s) repeat a method and replicate of another run; the newer "
+            f"counts, these do not: {', '.join(notes[:3])}{', ...' if len(notes) > 3 else ''}"
+        ]
     return [run for _, run in chosen.values()], notes
