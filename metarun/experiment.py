@@ -194,7 +194,7 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], group: str | No
 
 
 def open_run_dir(
-    run_dir: Path, mode: str, state: dict | None, resolved: dict, env: dict
+    run_dir: Path, mode: str, state: dict | None, cfg: DictConfig, resolved: dict, env: dict
 ) -> logging.Handler:
     """The claimed folder's files (main process): afresh when overwriting, stale temporary
     files gone, metrics past the resumed step dropped, `.hydra/`, metarun.log, the config."""
@@ -203,7 +203,7 @@ def open_run_dir(
         clear(run_dir)
     remove_stale_tmp(run_dir)
     handler = attach_log(run_dir)
-    write_hydra_files(run_dir)
+    write_hydra_files(run_dir, cfg)
     if state is not None:
         trim_metrics(run_dir / "metrics.jsonl", state["step"])
     OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
@@ -230,7 +230,7 @@ def _run(
     autocast: Callable, dist: Dist, started: float,
 ) -> float:  # fmt: skip
     env = {"choices": choices, "versions": versions(), "git_commit": git_commit()}
-    handler = open_run_dir(run_dir, mode, state, resolved, env) if dist.main else None
+    handler = open_run_dir(run_dir, mode, state, cfg, resolved, env) if dist.main else None
     summary: dict[str, Any] = {"status": "failed", "run_dir": str(run_dir), **choices}
     data: TaskData | None = None
     logger: Logger | None = None

@@ -1,9 +1,9 @@
 """A run folder belongs to one run: claimed before anything is written, never appended to by
 another run, and left byte-identical when a command is refused.
 
-Hydra writes nothing into the folder itself (the CLI turns its `.hydra/` and log file off);
-once the folder is claimed, `open_record` writes them, so a refused resume or a folder that
-holds another run is never touched.
+Hydra writes nothing into the folder itself (conf/config.yaml turns its `.hydra/` and log file
+off); once the folder is claimed, experiment.open_run_dir writes them, so a refused resume or a
+folder that holds another run is never touched.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from metarun.errors import MetarunError
 from metarun.resume import STATE_FILE
@@ -72,18 +72,17 @@ def remove_stale_tmp(run_dir: Path) -> None:
         log.info("removed %s, left by an interrupted write", tmp.name)
 
 
-def write_hydra_files(run_dir: Path) -> None:
-    """What Hydra would have written into `.hydra/`: the composed config, Hydra's own, and the
-    command's overrides."""
+def write_hydra_files(run_dir: Path, cfg: DictConfig) -> None:
+    """What Hydra would have written into `.hydra/`: the composed config (unresolved, as the
+    job received it), Hydra's own, and the command's overrides."""
     if not HydraConfig.initialized():
         return
-    hc = HydraConfig.instance().cfg
+    hydra_cfg = HydraConfig.instance().cfg  # only the `hydra` node: the job's config is `cfg`
     out = run_dir / ".hydra"
     out.mkdir(exist_ok=True)
-    task_cfg = OmegaConf.masked_copy(hc, [k for k in hc if k != "hydra"])
-    OmegaConf.save(task_cfg, out / "config.yaml")
-    OmegaConf.save(OmegaConf.masked_copy(hc, ["hydra"]), out / "hydra.yaml")
-    OmegaConf.save(hc.hydra.overrides.task, out / "overrides.yaml")
+    OmegaConf.save(cfg, out / "config.yaml")
+    OmegaConf.save(hydra_cfg, out / "hydra.yaml")
+    OmegaConf.save(hydra_cfg.hydra.overrides.task, out / "overrides.yaml")
 
 
 def attach_log(run_dir: Path) -> logging.Handler:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.cli_helpers import FAST, metarun, read_jsonl, run_dirs
 from tests.conftest import synthetic_rows
@@ -182,7 +183,11 @@ def test_stale_temporary_files_are_removed_at_the_next_start(tmp_path):
     proc = metarun(*FAST, "task.path=data.jsonl", "run_dir=run", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert not list((tmp_path / "run").glob("*.tmp"))
-    assert (tmp_path / "run" / ".hydra" / "overrides.yaml").is_file()  # all in the run folder
+    hydra_dir = tmp_path / "run" / ".hydra"  # all in the run folder, as Hydra would write it
+    assert "task.path=data.jsonl" in (hydra_dir / "overrides.yaml").read_text()
+    composed = yaml.safe_load((hydra_dir / "config.yaml").read_text())
+    assert composed["task"]["path"] == "data.jsonl" and composed["algo"]["_target_"]
+    assert "run" in yaml.safe_load((hydra_dir / "hydra.yaml").read_text())["hydra"]
     assert "test accuracy" in (tmp_path / "run" / "metarun.log").read_text()
 
 
