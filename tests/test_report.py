@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -177,6 +178,7 @@ def test_report_logs_its_tables_and_plots_to_a_wandb_report_run(tmp_path, monkey
     fake_run(tmp_path / "runs", "m", "maml", "01", episodes(0.6, 10, 1))
     monkeypatch.chdir(tmp_path)
     main([str(tmp_path / "runs"), "--out", "rep", "--wandb"])
+    assert "WANDB_SERVICE" not in os.environ  # later metarun subprocesses start their own
     (wandb_file,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
     records = list(wandb_records(wandb_file))
     (info,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]

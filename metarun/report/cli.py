@@ -59,6 +59,9 @@ def log_to_wandb(reports: list[GroupReport], text: str, images: list[Path]) -> s
     run.log({"report/markdown": wandb.Html(f"<pre>{text}</pre>")})
     run_id = run.id
     run.finish()
+    # Stop W&B's service too: it leaves WANDB_SERVICE in the environment, and a metarun started
+    # later from this process (main() called in-process) would report to this dead service.
+    wandb.teardown()
     return run_id
 
 
