@@ -113,8 +113,12 @@ class Encoder(nn.Module):
         device = self.tokens.device
         self.tokens = enc["input_ids"].to(device)
         self.lengths = enc["attention_mask"].sum(1).to(device)
-        full = self.tokenizer(self.texts, add_special_tokens=not self.causal_lm, return_length=True)
-        cut = sum(n > self.max_length for n in full["length"])
+        # Only texts that fill max_length can have been cut: measure those alone, untruncated
+        full = self.lengths.cpu() >= self.max_length
+        at_limit = [t for t, f in zip(self.texts, full.tolist(), strict=True) if f]
+        lengths = self.tokenizer(at_limit, add_special_tokens=not self.causal_lm,
+                                 return_length=True)["length"] if at_limit else []  # fmt: skip
+        cut = sum(n > self.max_length for n in lengths)
         self.truncated_fraction = cut / max(len(self.texts), 1)
 
     def batch(self, ids: torch.Tensor, vocab: torch.Tensor | None = None) -> dict:

@@ -33,7 +33,6 @@ from metarun.record import git_commit, load_checkpoint, versions, write_json
 from metarun.resume import STATE_FILE, check_same_run, trim_metrics
 from metarun.reuse import check_same_model, load_trained, source_config
 from metarun.rundir import (
-    RUN_FILES,
     attach_log,
     claim,
     clear,
@@ -41,6 +40,7 @@ from metarun.rundir import (
     file_log,
     os_error_message,
     remove_stale_tmp,
+    run_files,
     write_hydra_files,
 )
 from metarun.task import (
@@ -164,9 +164,7 @@ def check_before_loading(cfg: DictConfig, run_dir: Path, choices: dict[str, str]
         check_config(cfg)
         algorithm_kwargs(cfg.algo, algorithm_class(cfg.algo.get("_target_")))
     except MetarunError as err:
-        if os.environ.get("RANK", "0") == "0" and not any(
-            (run_dir / name).exists() for name in RUN_FILES
-        ):
+        if os.environ.get("RANK", "0") == "0" and not run_files(run_dir):
             run_dir.mkdir(parents=True, exist_ok=True)
             failed = {"status": "failed", "error": str(err), "run_dir": str(run_dir), **choices}
             write_json(run_dir / "summary.json", failed)

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any, Protocol
 
 from metarun.config import LoggerConfig
 from metarun.errors import MetarunError
+from metarun.record import finite
 
 log = logging.getLogger("metarun")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -55,11 +55,8 @@ class JsonlSink:
         self.file = path.open("a")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        clean = {
-            k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()
-        }
         try:
-            self.file.write(json.dumps({"step": step, **clean}) + "\n")
+            self.file.write(json.dumps(finite({"step": step, **metrics})) + "\n")
             self.file.flush()
         except OSError as err:  # a full disk names no file: name it
             err.filename = err.filename or self.file.name

@@ -32,6 +32,11 @@ file_log.propagate = False
 file_log.addHandler(logging.NullHandler())  # processes without a run folder: nowhere
 
 
+def run_files(run_dir: Path) -> list[str]:
+    """The files of a run that `run_dir` already holds."""
+    return [name for name in RUN_FILES if (run_dir / name).exists()]
+
+
 def claim(run_dir: Path, mode: str, resuming: bool) -> str:
     """How this command may use `run_dir`: "fresh", "resume" or "overwrite". Writes nothing;
     refuses a folder that holds another run's files and no state to resume."""
@@ -41,7 +46,7 @@ def claim(run_dir: Path, mode: str, resuming: bool) -> str:
         return "fresh"
     if not run_dir.is_dir():
         raise MetarunError(f"run_dir={run_dir} is a file, not a folder; choose another run_dir")
-    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    found = run_files(run_dir)
     if mode == "overwrite":
         return "overwrite" if found else "fresh"
     if (run_dir / STATE_FILE).is_file():

@@ -37,6 +37,15 @@ def test_tokenised_once_and_truncated(tiny_encoder):
     assert batch["input_ids"].shape[1] == int(tiny_encoder.lengths[[0, 2]].max())
 
 
+def test_truncated_fraction_counts_exactly_the_texts_cut(tiny_encoder):
+    limit = tiny_encoder.max_length
+    words = [" ".join(["word"] * n) for n in (1, limit - 2, limit - 1, limit, 3 * limit)]
+    tiny_encoder.set_texts(words)
+    full = tiny_encoder.tokenizer(words, return_length=True)["length"]  # untruncated reference
+    assert full[1] == limit  # [CLS] + limit-2 words + [SEP]: fills max_length, is not cut
+    assert tiny_encoder.truncated_fraction == sum(n > limit for n in full) / len(words) == 0.6
+
+
 def test_functional_params_override_without_touching_the_module(tiny_encoder):
     tiny_encoder.set_texts(TEXTS)
     tiny_encoder.eval()

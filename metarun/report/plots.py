@@ -62,14 +62,14 @@ def validation_curves(report: GroupReport, out: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     drawn = 0
     for i, line in enumerate(report.lines):
+        label: str | None = line.label  # on the method's first curve only
         for run in line.runs.values():
             points = val_points(run.folder / "metrics.jsonl")
             if not points:
                 continue
             steps, accs = zip(*points, strict=True)
-            label = line.label if drawn == 0 or run is next(iter(line.runs.values())) else None
             ax.plot(steps, [100 * a for a in accs], marker=".", color=f"C{i % 10}", label=label)
-            drawn += 1
+            label, drawn = None, drawn + 1
     if not drawn:
         plt.close(fig)
         return None

@@ -15,6 +15,7 @@ import numpy as np
 from metarun.config import TaskConfig
 from metarun.errors import MetarunError
 from metarun.task import sources
+from metarun.task.rows import FILE_TYPES
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def _read(cfg: TaskConfig) -> tuple[dict[str, list[str]], dict[str, list] | None
     if path.is_file():
         by_label, counts = sources.read_file(path, *columns, cfg.encoding, cfg.on_invalid_rows)
         return by_label, None, {}, counts.as_dict()
-    if path.suffix.lower() in sources.FILE_TYPES or path.is_absolute() or cfg.path[0] == ".":
+    if path.suffix.lower() in FILE_TYPES or path.is_absolute() or cfg.path[0] == ".":
         raise MetarunError(f"task.path={cfg.path} does not exist; give an existing file or folder")
     by_label, counts = sources.read_hub(cfg.path, cfg.hub_config, *columns, cfg.on_invalid_rows)
     return by_label, None, {}, counts.as_dict()

@@ -10,7 +10,6 @@ from collections import defaultdict
 from pathlib import Path
 
 from metarun.errors import MetarunError
-from metarun.task.rows import FILE_TYPES as FILE_TYPES
 from metarun.task.rows import Row, RowCounts, group_rows, read_lines, read_rows
 
 SPLIT_NAMES = ("train", "valid", "test")
