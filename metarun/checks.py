@@ -37,6 +37,10 @@ LIMITS: dict[str, tuple[float, tuple[Callable[[Any, Any], bool], str]]] = {
     "train.val_interval": (1, AT_LEAST),
     "train.patience": (0, AT_LEAST),
     "train.checkpoint_interval": (0, AT_LEAST),
+    "train.contrastive_steps": (0, AT_LEAST),
+    "train.contrastive_classes": (2, AT_LEAST),
+    "train.contrastive_per_class": (2, AT_LEAST),  # a text needs a same-class pair
+    "train.contrastive_temperature": (0, ABOVE),
     "backbone.max_length": (8, AT_LEAST),  # below it a text is a few word pieces
     "backbone.top_k": (1, AT_LEAST),
     "hardware.threads": (0, AT_LEAST),
@@ -57,7 +61,8 @@ LIMITS: dict[str, tuple[float, tuple[Callable[[Any, Any], bool], str]]] = {
     "algo.max_iter": (1, AT_LEAST),
     "algo.batch_size": (1, AT_LEAST),
 }
-# Needed only when the run meta-trains (train.steps > 0): validation picks the checkpoint.
+# Needed only when the run trains (train.steps or train.contrastive_steps > 0): validation picks
+# the checkpoint.
 WHEN_TRAINING = {"task.val_episodes": (2, AT_LEAST)}
 
 
@@ -106,7 +111,8 @@ def _value(cfg: DictConfig, key: str) -> Any:
 
 
 def check_values(cfg: DictConfig) -> None:
-    limits = LIMITS | (WHEN_TRAINING if (_value(cfg, "train.steps") or 0) > 0 else {})
+    trains = (_value(cfg, "train.steps") or 0) + (_value(cfg, "train.contrastive_steps") or 0)
+    limits = LIMITS | (WHEN_TRAINING if trains > 0 else {})
     for key, (bound, (ok, words)) in limits.items():
         value = _value(cfg, key)
         if value is None or isinstance(value, bool) or not isinstance(value, int | float):

@@ -100,6 +100,12 @@ class TrainConfig:
     # Validate the starting weights too (step 0): a run whose training never beats them ends
     # with them, so meta-training can only help on validation classes
     val_at_start: bool = False
+    # Supervised contrastive pre-training of the encoder on the meta-train classes, as the first
+    # steps of the run (before `steps` episodic steps; validated like them): metarun/contrastive.py
+    contrastive_steps: int = 0
+    contrastive_classes: int = 16  # classes per batch (all meta-train classes when fewer)
+    contrastive_per_class: int = 4  # texts per class in a batch
+    contrastive_temperature: float = 0.1
     save_checkpoint: bool = True  # checkpoint.pt: the best validation weights
     checkpoint_interval: int = 0  # save the resumable state (last.pt) every N steps; 0: at each
     # validation. Always saved at the end, at an early stop and on Ctrl-C.
@@ -112,6 +118,11 @@ class ProtoNetConfig:
     metric: str = "euclidean"  # euclidean | cosine
     temperature: float = 1.0  # logits are scaled by 1 / temperature
     learn_temperature: bool = False
+    # How evaluation (validation and test) classifies: prototypes, or logreg (a logistic
+    # regression fitted on each support set's unit-length embeddings, as algo=frozen does); meta-
+    # training always uses prototypes, the differentiable head
+    eval_head: str = "prototypes"
+    c: float = 1.0  # with eval_head=logreg: inverse L2 strength, as scikit-learn's C
 
 
 @dataclass

@@ -24,7 +24,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from metarun.algo import Algorithm, algorithm_class, algorithm_kwargs, build_algorithm
 from metarun.backbone import Encoder, load_backbone
 from metarun.checks import check_config
-from metarun.config import HardwareConfig, MetarunConfig
+from metarun.config import HardwareConfig, MetarunConfig, TrainConfig
+from metarun.contrastive import ClassBatchSampler, ContrastiveStage
 from metarun.distributed import Dist, init_distributed, shutdown
 from metarun.errors import MetarunError, RunInterrupted
 from metarun.evaluate import EvalResult, evaluate
@@ -129,6 +130,24 @@ def build_logger(
     return Logger(sinks)
 
 
+def trains(cfg: TrainConfig) -> bool:
+    """Whether the run has training steps (episodic or contrastive), hence validation."""
+    return cfg.steps + cfg.contrastive_steps > 0
+
+
+def contrastive_stage(data: TaskData, cfg: MetarunConfig, rank: int) -> ContrastiveStage | None:
+    """train.contrastive_steps: batches of the meta-train classes (run seed, this process's
+    own stream), the class names among them when the episodes' support sets have them."""
+    train = cfg.train
+    if train.contrastive_steps == 0:
+        return None
+    names = data.name_ids if cfg.task.names_as_examples else None
+    sampler = ClassBatchSampler(data.splits["train"], train.contrastive_classes,
+                                train.contrastive_per_class,
+                                [cfg.seed, STREAM["contrastive"], rank], names)  # fmt: skip
+    return ContrastiveStage(sampler, train.contrastive_steps, train.contrastive_temperature)
+
+
 def make_episodes(data: TaskData, cfg: MetarunConfig) -> tuple[EpisodeSampler, list, list]:
     """Training sampler (run seed) and the fixed validation / test episodes (eval seed)."""
     task = cfg.task
@@ -136,7 +155,7 @@ def make_episodes(data: TaskData, cfg: MetarunConfig) -> tuple[EpisodeSampler, l
     names = data.name_ids if task.names_as_examples else None
     sampler = EpisodeSampler(data.splits["train"], *shape, [cfg.seed, STREAM["train"]], names)
     val = []
-    if cfg.train.steps > 0:
+    if trains(cfg.train):
         val = fixed_episodes(data.splits["valid"], *shape, task.val_episodes, task.eval_seed,
                              "valid", names)  # fmt: skip
     test = fixed_episodes(data.splits["test"], *shape, task.test_episodes, task.eval_seed,
@@ -235,7 +254,7 @@ def _run(
     try:
         seed_everything(typed.seed)
         data = load_task(typed.task)
-        needed = ("train", "valid", "test") if typed.train.steps > 0 else ("test",)
+        needed = ("train", "valid", "test") if trains(typed.train) else ("test",)
         check_feasible(data, typed.task, needed)
         log.info("task %s: %s", choices.get("task"), data.summary())
         algo = build_model(typed, cfg, resolved, data, summary).to(device)
@@ -246,7 +265,8 @@ def _run(
                               dist)  # fmt: skip
         trainer = Trainer(algo, typed.train, sampler, val, logger, run_dir / "checkpoint.pt",
                           {"config": resolved, **env}, autocast, typed.logger.progress,
-                          run_dir / STATE_FILE, dist)  # fmt: skip
+                          run_dir / STATE_FILE, dist,
+                          contrastive_stage(data, typed, dist.rank))  # fmt: skip
         if state is not None and trainer.params:
             trainer.resume(state)
             summary["resumed_from_step"] = state["step"]

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from metarun.algo import Algorithm
 from metarun.config import TrainConfig
+from metarun.contrastive import ContrastiveStage
 from metarun.distributed import Dist
 from metarun.errors import MetarunError, RunInterrupted
 from metarun.evaluate import EvalResult, evaluate
@@ -65,6 +66,7 @@ class Trainer:
         progress: bool = True,
         state_path: Path | None = None,
         dist: Dist | None = None,
+        contrastive: ContrastiveStage | None = None,
     ) -> None:
         dist = dist or Dist()
         self.progress = progress and dist.main
@@ -79,6 +81,17 @@ class Trainer:
             )
         groups = algo.param_groups()
         self.params = [p for g in groups for p in g["params"]]
+        # train.contrastive_steps: steps 1..pre_steps train the encoder contrastively, the
+        # `cfg.steps` episodic steps follow; validation, checkpoints and resume span both.
+        self.contrastive = contrastive
+        self.pre_steps = contrastive.steps if contrastive is not None else 0
+        self.total = self.pre_steps + cfg.steps
+        if self.pre_steps and not any(p.requires_grad for p in algo.encoder.parameters()):
+            raise MetarunError(
+                f"train.contrastive_steps={self.pre_steps} trains the encoder, but this algorithm "
+                "freezes it (algo=frozen, zeroshot or backbone.trainable=none): set "
+                "train.contrastive_steps=0 or pick an algorithm that trains the encoder"
+            )
         # Frozen baselines have nothing to optimise: no optimizer, `fit` only evaluates.
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
@@ -93,6 +106,7 @@ class Trainer:
         self.best_step: int | None = None
         self.saved_checkpoint = False
         self.done, self.waited, self.seconds, self.stopped = 0, 0, 0.0, False
+        self.episodic_seconds = 0.0  # the episodic steps' share of `seconds` (episodes/s)
         self.interrupted = False
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -113,28 +127,11 @@ class Trainer:
             self.load_trainable(self.best_state)
 
     def step(self, step: int) -> dict[str, float]:
-        """One outer step over a meta-batch, in chunks of `episodes_per_backward`.
-
-        Every process draws the same meta-batch (index draws are cheap) and backpropagates its
-        own shard; summing the shards' gradients gives the whole meta-batch's gradient, so N
-        processes take exactly the step one process would.
-        """
+        """One optimiser step: contrastive during the first `pre_steps`, episodic after."""
         cfg = self.cfg
         assert self.optimizer is not None and self.scheduler is not None, "nothing to train"
-        episodes = [self.sampler.sample() for _ in range(cfg.meta_batch_size)]
-        mine = self.dist.shard(episodes)
         self.optimizer.zero_grad(set_to_none=True)
-        totals: dict[str, float] = {}
-        chunk = max(1, cfg.episodes_per_backward)
-        for start in range(0, len(mine), chunk):
-            part = mine[start : start + chunk]
-            with self.autocast():
-                loss, metrics = self.algo.meta_loss(part)
-            weight = len(part) / len(episodes)
-            if torch.isfinite(loss):  # a NaN is reported below, once every process knows
-                (loss * weight).backward()
-            for key, value in {**metrics, "loss": float(loss.detach())}.items():
-                totals[key] = totals.get(key, 0.0) + value * weight
+        totals = self.contrastive_losses() if step <= self.pre_steps else self.episodic_losses()
         totals = self.dist.sum(totals, self.params[0].device)
         if not math.isfinite(totals["loss"]):
             raise MetarunError(
@@ -149,6 +146,39 @@ class Trainer:
         self.scheduler.step()
         totals["lr"] = self.scheduler.get_last_lr()[0]
         return {f"train/{k}": v for k, v in totals.items()}
+
+    def contrastive_losses(self) -> dict[str, float]:
+        """This process's contrastive batch, backpropagated at weight 1 / processes."""
+        assert self.contrastive is not None
+        with self.autocast():
+            loss, metrics = self.contrastive.loss(self.algo.encoder)
+        if torch.isfinite(loss):
+            (loss / self.dist.world).backward()
+        metrics["loss"] = float(loss.detach())
+        return {k: v / self.dist.world for k, v in metrics.items()}
+
+    def episodic_losses(self) -> dict[str, float]:
+        """One meta-batch, in chunks of `episodes_per_backward`.
+
+        Every process draws the same meta-batch (index draws are cheap) and backpropagates its
+        own shard; summing the shards' gradients gives the whole meta-batch's gradient, so N
+        processes take exactly the step one process would.
+        """
+        cfg = self.cfg
+        episodes = [self.sampler.sample() for _ in range(cfg.meta_batch_size)]
+        mine = self.dist.shard(episodes)
+        totals: dict[str, float] = {}
+        chunk = max(1, cfg.episodes_per_backward)
+        for start in range(0, len(mine), chunk):
+            part = mine[start : start + chunk]
+            with self.autocast():
+                loss, metrics = self.algo.meta_loss(part)
+            weight = len(part) / len(episodes)
+            if torch.isfinite(loss):  # a NaN is reported below, once every process knows
+                (loss * weight).backward()
+            for key, value in {**metrics, "loss": float(loss.detach())}.items():
+                totals[key] = totals.get(key, 0.0) + value * weight
+        return totals
 
     def validate(self, step: int) -> EvalResult:
         result = evaluate(self.algo, self.val_episodes, self.autocast, self.dist)
@@ -180,7 +210,10 @@ class Trainer:
             "rng": self.dist.gather(rng_state()),  # per process: dropout draws differ by shard
             "sampler": self.sampler.state_dict(), "best_state": self.best_state,
             "best_acc": self.best_acc, "best_step": self.best_step, "waited": self.waited,
-            "seconds": self.seconds, "stopped": self.stopped,
+            "seconds": self.seconds, "episodic_seconds": self.episodic_seconds,
+            "stopped": self.stopped,
+            "contrastive_sampler": self.contrastive.sampler.state_dict() if self.contrastive
+            else None,
             "saved_checkpoint": self.saved_checkpoint, "wandb_run_id": self.logger.wandb_id,
             **self.checkpoint_meta,
         }  # fmt: skip
@@ -202,7 +235,10 @@ class Trainer:
         self.best_step, self.waited = state["best_step"], state["waited"]
         self.done, self.seconds, self.stopped = state["step"], state["seconds"], state["stopped"]
         self.saved_checkpoint = state["saved_checkpoint"]
-        log.info("resumed at step %d of %d", self.done, self.cfg.steps)
+        self.episodic_seconds = state.get("episodic_seconds", self.seconds)
+        if self.contrastive is not None and state.get("contrastive_sampler"):
+            self.contrastive.sampler.load_state_dict(state["contrastive_sampler"])
+        log.info("resumed at step %d of %d", self.done, self.total)
 
     @contextlib.contextmanager
     def interrupt_guard(self) -> Iterator[None]:
@@ -230,8 +266,8 @@ class Trainer:
 
     def fit(self) -> FitResult:
         cfg = self.cfg
-        if cfg.steps == 0 or not self.params:
-            if cfg.steps and not self.params:
+        if self.total == 0 or not self.params:
+            if self.total and not self.params:
                 log.info("nothing to meta-train (frozen encoder, no algorithm parameters): "
                          "evaluating only")  # fmt: skip
             return FitResult(0, None, None, 0.0, None)
@@ -239,19 +275,22 @@ class Trainer:
             self.validate(0)  # the starting weights compete with every trained step
         self.algo.train()
         first = self.done + 1
-        bar = tqdm(range(first, cfg.steps + 1), desc="meta-train", disable=not self.progress,
-                   initial=self.done, total=cfg.steps)  # fmt: skip
+        bar = tqdm(range(first, self.total + 1), desc="meta-train", disable=not self.progress,
+                   initial=self.done, total=self.total)  # fmt: skip
         with self.interrupt_guard():
             for step in bar if not self.stopped else ():
                 start = time.perf_counter()
                 metrics = self.step(step)
-                self.seconds += time.perf_counter() - start
+                elapsed = time.perf_counter() - start
+                self.seconds += elapsed
+                self.episodic_seconds += elapsed if step > self.pre_steps else 0.0
                 self.done = step
                 self.logger.log(metrics, step)
                 shown = {k.removeprefix("train/"): f"{metrics[k]:.3f}"
-                         for k in ("train/loss", "train/acc") if k in metrics}  # fmt: skip
+                         for k in ("train/loss", "train/acc", "train/contrastive_acc")
+                         if k in metrics}  # fmt: skip
                 bar.set_postfix(**shown)
-                validated = step % cfg.val_interval == 0 or step == cfg.steps
+                validated = step % cfg.val_interval == 0 or step == self.total
                 if validated:
                     self.validate(step)
                     bar.unpause()  # the bar's rate counts training steps, not validation
@@ -262,7 +301,7 @@ class Trainer:
                         self.stopped = True
                 every = cfg.checkpoint_interval or cfg.val_interval
                 interrupted = self.stop_requested()
-                if step % every == 0 or step == cfg.steps or self.stopped or interrupted:
+                if step % every == 0 or step == self.total or self.stopped or interrupted:
                     self.save_state()
                 if interrupted:
                     raise RunInterrupted(
@@ -272,5 +311,6 @@ class Trainer:
                 if self.stopped:
                     break
         self.restore_best()
-        rate = self.done * cfg.meta_batch_size / self.seconds if self.seconds > 0 else math.nan
+        episodic = max(0, self.done - self.pre_steps) * cfg.meta_batch_size
+        rate = episodic / self.episodic_seconds if self.episodic_seconds > 0 else math.nan
         return FitResult(self.done, self.best_step, self.best_acc, self.seconds, rate)

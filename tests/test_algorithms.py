@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from metarun.algo import build_algorithm
-from metarun.algo.baselines import fit_logistic
+from metarun.algo.logreg import fit_logistic
 from metarun.algo.ridge import ridge_solve
 from metarun.backbone import load_backbone
 from metarun.errors import MetarunError

@@ -92,7 +92,7 @@ class EpisodeSampler:
 
 
 # Streams of one seed: evaluation splits never share draws with each other or with training.
-STREAM = {"train": 0, "valid": 1, "test": 2}
+STREAM = {"train": 0, "valid": 1, "test": 2, "contrastive": 3}
 
 
 def fixed_episodes(
