@@ -59,6 +59,7 @@ LIMITS: dict[str, tuple[float, tuple[Callable[[Any, Any], bool], str]]] = {
     "algo.scale": (0, ABOVE),
     "algo.c": (0, ABOVE),
     "algo.max_iter": (1, AT_LEAST),
+    "algo.transductive_steps": (0, AT_LEAST),
     "algo.batch_size": (1, AT_LEAST),
 }
 # Needed only when the run trains (train.steps or train.contrastive_steps > 0): validation picks

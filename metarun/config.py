@@ -123,6 +123,9 @@ class ProtoNetConfig:
     # training always uses prototypes, the differentiable head
     eval_head: str = "prototypes"
     c: float = 1.0  # with eval_head=logreg: inverse L2 strength, as scikit-learn's C
+    # Transductive evaluation: the episode's queries refine the prototypes in N soft k-means
+    # steps (features centred on the episode's mean); 0: each query is classified on its own
+    transductive_steps: int = 0
 
 
 @dataclass

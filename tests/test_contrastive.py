@@ -15,7 +15,7 @@ from metarun.config import TrainConfig
 from metarun.contrastive import ClassBatchSampler, ContrastiveStage, supcon_loss
 from metarun.errors import MetarunError
 from metarun.logger import JsonlSink, Logger
-from metarun.task import EpisodeSampler, fixed_episodes
+from metarun.task import EpisodeSampler, Examples, fixed_episodes
 from metarun.trainer import Trainer
 from tests.cli_helpers import FAST, metarun, read_jsonl
 
@@ -182,3 +182,48 @@ def test_cli_contrastive_stage_and_its_bad_values(tmp_path, synthetic_jsonl):
                   cwd=tmp_path)  # fmt: skip
     assert bad.returncode != 0
     assert "train.contrastive_per_class=1 is out of range: it must be >= 2" in bad.stderr
+
+
+class TableEncoder(torch.nn.Module):
+    """An encoder whose text i embeds as row i of a fixed table."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        super().__init__()
+        self.table = torch.nn.Parameter(table)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table[ids]
+
+
+def reference_soft_kmeans(s, ys, q, way, steps, temperature):
+    """The refinement written out per class: centre, normalise, weighted means."""
+    s, q = F.normalize(s, dim=-1), F.normalize(q, dim=-1)
+    centre = torch.cat([s, q]).mean(0)
+    s, q = s - centre, q - centre
+    protos = torch.stack([s[ys == c].mean(0) for c in range(way)])
+    for _ in range(steps):
+        w = torch.softmax(F.normalize(q, dim=-1) @ F.normalize(protos, dim=-1).T / temperature, -1)
+        protos = torch.stack([
+            (s[ys == c].sum(0) + (w[:, c, None] * q).sum(0)) / ((ys == c).sum() + w[:, c].sum())
+            for c in range(way)
+        ])  # fmt: skip
+    return F.normalize(q, dim=-1) @ F.normalize(protos, dim=-1).T / temperature
+
+
+def test_transductive_prototypes_follow_the_queries_at_evaluation_only():
+    torch.manual_seed(0)
+    table = torch.randn(20, 4, dtype=torch.float64)
+    algo = ProtoNet(TableEncoder(table), 2, "cosine", 0.2, False, transductive_steps=3)
+    support = Examples(torch.tensor([0, 1, 2, 3]), torch.tensor([0, 0, 1, 1]), ("a", "b"))
+    query = Examples(torch.arange(4, 10), torch.tensor([0, 1, 0, 1, 0, 1]), ("a", "b"))
+    algo.eval()
+    with torch.no_grad():
+        got = algo.adapt(support, 2)(query)
+        expected = reference_soft_kmeans(table[:4], support.labels, table[4:10], 2, 3, 0.2)
+        assert torch.allclose(got, expected)
+        ids = torch.cat([query.ids[:1], torch.arange(14, 19)])  # the first query, new others
+        others = Examples(ids, query.labels, ("a", "b"))
+        assert not torch.allclose(algo.adapt(support, 2)(others)[0], got[0])  # reads the others
+    algo.train()
+    plain = ProtoNet(TableEncoder(table), 2, "cosine", 0.2, False)
+    assert torch.allclose(algo.adapt(support, 2)(query), plain.adapt(support, 2)(query))

@@ -44,18 +44,25 @@ class ProtoNet(Algorithm):
         learn_temperature: bool,
         eval_head: str = "prototypes",
         c: float = 1.0,
+        transductive_steps: int = 0,
     ) -> None:
         super().__init__(encoder, way)
         if metric not in METRICS:
             raise MetarunError(f"algo.metric={metric}; use one of {', '.join(METRICS)}")
         if eval_head not in EVAL_HEADS:
             raise MetarunError(f"algo.eval_head={eval_head}; use one of {', '.join(EVAL_HEADS)}")
+        if transductive_steps and eval_head != "prototypes":
+            raise MetarunError(f"algo.transductive_steps={transductive_steps} refines prototypes; "
+                               "use it with algo.eval_head=prototypes")  # fmt: skip
         self.metric, self.eval_head, self.c = metric, eval_head, c
+        self.transductive_steps = transductive_steps
         register_log_scalar(self, "log_temperature", temperature, learn_temperature, "temperature")
 
     def adapt(self, support: Examples, way: int) -> Predictor:
         if self.eval_head == "logreg" and not self.training:
             return self.logreg(support, way)
+        if self.transductive_steps and not self.training:
+            return self.transductive(support, way)
         protos = prototypes(self.encoder(support.ids), support.labels, way)
 
         def predict(query: Examples) -> torch.Tensor:
@@ -72,5 +79,30 @@ class ProtoNet(Algorithm):
 
         def predict(query: Examples) -> torch.Tensor:
             return F.normalize(upcast(self.encoder(query.ids)), dim=-1) @ weight.T + bias
+
+        return predict
+
+    def transductive(self, support: Examples, way: int) -> Predictor:
+        """Evaluation only: the queries, unlabelled, refine the prototypes (soft k-means, Ren et
+        al., 2018): each step moves a prototype to the mean of its support texts and of the
+        queries weighted by their current probability of the class. Features are first centred
+        on the episode's mean, so what all its texts share (the domain) does not count as
+        similarity. A query's prediction depends on the other queries of its episode."""
+
+        def predict(query: Examples) -> torch.Tensor:
+            s, q = upcast(self.encoder(support.ids)), upcast(self.encoder(query.ids))
+            if self.metric == "cosine":
+                s, q = F.normalize(s, dim=-1), F.normalize(q, dim=-1)
+            centre = torch.cat([s, q]).mean(0)
+            s, q = s - centre, q - centre
+            labels = support.labels.to(s.device)
+            sums = torch.zeros(way, s.shape[1], device=s.device, dtype=s.dtype)
+            sums = sums.index_add(0, labels, s)
+            counts = torch.bincount(labels, minlength=way).to(s.dtype)[:, None]
+            protos, temperature = sums / counts.clamp_min(1), self.log_temperature.exp()
+            for _ in range(self.transductive_steps):
+                weights = torch.softmax(metric_logits(q, protos, self.metric) / temperature, -1)
+                protos = (sums + weights.T @ q) / (counts + weights.sum(0)[:, None])
+            return metric_logits(q, protos, self.metric) / temperature
 
         return predict
