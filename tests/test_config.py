@@ -155,3 +155,19 @@ def test_protaugment_experiment_sets_the_protocol_and_its_sweep(task, monkeypatc
     params = cfg.hydra.sweeper.params
     assert params["task"] == "banking77,clinc150" and params["task.shots"] == "1,5"
     assert params["task.split"].split(",") == ["01", "02", "03", "04", "05"]
+
+
+@pytest.mark.parametrize("task", ["banking77", "clinc150", "icd10", "local"])
+def test_recommended_recipe_sets_algorithm_and_training_never_the_data_or_shape(compose_cfg, task):
+    """`+experiment=recommended` is one recipe for every dataset: beside the algorithm and
+    training keys it turns on class names as examples and touches no other task key."""
+    plain = OmegaConf.to_container(compose_cfg(f"task={task}").task)
+    cfg = compose_cfg("+experiment=recommended", f"task={task}")
+    check_config(cfg)
+    recipe = OmegaConf.to_container(cfg.task)
+    assert {k for k in plain if plain[k] != recipe[k]} == {"names_as_examples"}
+    typed = OmegaConf.to_object(cfg)
+    assert typed.algo.transductive_steps > 0 and typed.train.val_at_start
+    assert typed.train.contrastive_steps > 0 and typed.task.names_as_examples
+    both = compose_cfg("+experiment=[protaugment,recommended]", f"task={task}")
+    assert both.task.test_episodes == 600 and both.algo.transductive_steps > 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -227,3 +229,16 @@ def test_transductive_prototypes_follow_the_queries_at_evaluation_only():
     algo.train()
     plain = ProtoNet(TableEncoder(table), 2, "cosine", 0.2, False)
     assert torch.allclose(algo.adapt(support, 2)(query), plain.adapt(support, 2)(query))
+
+
+def test_cli_recommended_recipe_runs_end_to_end(tmp_path, synthetic_jsonl):
+    run = tmp_path / "recipe"
+    shape = [a for a in FAST if not a.startswith("train.")]  # the recipe's training keys
+    proc = metarun(*shape, f"task.path={synthetic_jsonl}", "+experiment=recommended",
+                   "train.contrastive_classes=4", f"run_dir={run}", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["train"]["steps_done"] == 50
+    rows = read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in rows if "val/acc" in r] == [0, 25, 50]
+    assert summary["val"]["best_step"] in (0, 25, 50)
