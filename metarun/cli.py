@@ -164,6 +164,7 @@ train.lr, train.meta_batch_size, seed, run_dir, init_from, logger.wandb (see
 Examples:
   metarun                                                 # ProtoNet on MiniLM, ICD-10 5-way 1-shot
   metarun algo=maml backbone=minilm task=banking77 task.data_dir=../shared/data/banking77
+  metarun +experiment=recommended task=local task.path=my.csv task.shots=5   # the best recipe
   metarun algo=maml algo.head=verbalizer backbone=smollm2 task.shots=1   # a decoder LLM
   metarun -m algo=protonet,maml,anil task.shots=1,5 seed=0,1,2            # a sweep
   metarun init_from=outputs/runs/<run> train.steps=0 task=clinc150        # reuse a trained run

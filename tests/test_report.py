@@ -121,10 +121,15 @@ def test_methods_split_by_their_overrides_and_published_rows_stay_in_their_task(
         episodes(0.7, 10, 3),
         overrides=["task.names_as_examples=true"],
     )  # a task option that changes the method
+    protocol = ["+experiment=protaugment", "task=banking77"]  # a protocol, not a method
+    fake_run(tmp_path, "proto", "maml", "01", episodes(0.7, 10, 4), overrides=protocol)
+    recipe = ["+experiment=[protaugment,recommended]", "task=banking77"]  # sets algo and train
+    fake_run(tmp_path, "recipe", "protonet", "01", episodes(0.7, 10, 5), overrides=recipe)
     runs, _ = collect([tmp_path])
     assert {r.method for r in runs} == {"maml, 60 steps", "maml, head=verbalizer, 60 steps",
                                         "maml, from b77, no further training",
-                                        "maml, task.names_as_examples=true, 60 steps"}  # fmt: skip
+                                        "maml, task.names_as_examples=true, 60 steps",
+                                        "protonet, experiment=recommended, 60 steps"}  # fmt: skip
     reports = build(runs)
     assert [r.title for r in reports] == ["banking77, 5-way 1-shot", "clinc150, 5-way 1-shot"]
     assert "published" in markdown(reports[0]) and "published" not in markdown(reports[1])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -81,17 +82,42 @@ def is_bookkeeping(key: str) -> bool:
     return key.split(".")[0] in BOOKKEEPING_GROUPS or key in BOOKKEEPING_KEYS
 
 
+def protocol_only(experiment: str) -> bool:
+    """Whether a shipped experiment only fixes a protocol (data, episode shape, test episodes:
+    protaugment), so its runs are any method's; one that sets algorithm or training keys
+    (recommended), or one metarun does not ship, is part of the method."""
+    path = resources.files("metarun.conf") / "experiment" / f"{experiment}.yaml"
+    if not path.is_file():
+        return False
+    raw = yaml.safe_load(path.read_text()) or {}
+    for entry in raw.pop("defaults", []):
+        groups = entry if isinstance(entry, dict) else {str(entry): None}
+        if any(not str(g).removeprefix("override ").lstrip("/").startswith("task") for g in groups):
+            return False
+    keys = [f"{top}.{key}" for top, node in raw.items() if isinstance(node, dict) for key in node]
+    return all(is_bookkeeping(k) for k in keys) and all(isinstance(n, dict) for n in raw.values())
+
+
+def experiment_options(value: str) -> list[str]:
+    """`experiment=[protaugment,recommended]` -> ["experiment=recommended"]."""
+    names = [n.strip() for n in value.strip("[]").split(",") if n.strip()]
+    return [f"experiment={n}" for n in names if not protocol_only(n)]
+
+
 def method_options(folder: Path) -> list[str]:
     """The command's overrides that change what is run, from .hydra/overrides.yaml; group
-    choices (algo=, backbone=) and bookkeeping excluded."""
+    choices (algo=, backbone=) and bookkeeping excluded; experiments that set algorithm or
+    training keys are named."""
     path = folder / ".hydra" / "overrides.yaml"
     if not path.is_file():
         return []
     options = []
     for override in yaml.safe_load(path.read_text()) or []:
         text = str(override).lstrip("+~")
-        key = text.split("=", 1)[0]
-        if "." in key and not is_bookkeeping(key):
+        key, _, value = text.partition("=")
+        if key == "experiment":
+            options += experiment_options(value)
+        elif "." in key and not is_bookkeeping(key):
             options.append(text.removeprefix("algo."))
     return sorted(options)
 
