@@ -131,7 +131,8 @@ class Trainer:
         cfg = self.cfg
         assert self.optimizer is not None and self.scheduler is not None, "nothing to train"
         self.optimizer.zero_grad(set_to_none=True)
-        totals = self.contrastive_losses() if step <= self.pre_steps else self.episodic_losses()
+        contrastive = 0 < step <= self.pre_steps  # steps count from 1; benchmarks pass 0
+        totals = self.contrastive_losses() if contrastive else self.episodic_losses()
         totals = self.dist.sum(totals, self.params[0].device)
         if not math.isfinite(totals["loss"]):
             raise MetarunError(

