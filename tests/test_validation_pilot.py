@@ -1,5 +1,5 @@
 """scripts/validation_pilot.py, where the recipe's evaluation choices were made: it encodes only
-validation texts, and runs end to end on the real validation classes."""
+validation texts and names, and runs end to end on the real validation classes."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
-import torch
 
+from metarun.task import TaskData
 from tests.conftest import REPO, SHARED_DATA
 
 
@@ -21,13 +22,18 @@ def load_pilot():
     return module
 
 
-def test_embedded_serves_only_the_texts_it_encoded():
+def test_the_pilot_encodes_only_validation_texts_and_their_names():
+    """What `validation_ids` returns is all the pilot's cache holds, and the backbone's cache
+    refuses any other id (tests/test_backbone.py), so test texts cannot be read."""
     pilot = load_pilot()
-    encoder = lambda ids: torch.stack([ids.float(), -ids.float()], dim=1)  # noqa: E731
-    table = pilot.Embedded(encoder, torch.tensor([3, 7, 11]), batch=2)
-    assert torch.equal(table(torch.tensor([11, 3])), torch.tensor([[11.0, -11.0], [3.0, -3.0]]))
-    with pytest.raises(KeyError, match="outside the embedded"):
-        table(torch.tensor([3, 5]))  # 5 was never encoded (a test text, say)
+    data = TaskData(
+        texts=[f"text {i}" for i in range(12)],
+        splits={"train": {"a": np.array([0, 1])}, "valid": {"b": np.array([2, 3]),
+                "c": np.array([4, 5])}, "test": {"d": np.array([6, 7])}},
+        label_names={"a": "A", "b": "B", "c": "C", "d": "D"},
+        name_ids={"a": 8, "b": 9, "c": 10, "d": 11},
+    )  # fmt: skip
+    assert pilot.validation_ids(data).tolist() == [2, 3, 4, 5, 9, 10]
 
 
 @pytest.mark.realdata
