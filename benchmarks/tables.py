@@ -21,6 +21,12 @@ def mfu(cell: dict[str, Any], peak: float | None) -> float | None:
     return cell["flops"] / cell["seconds"] / peak
 
 
+def failure(cell: dict[str, Any], width: int = 80) -> str:
+    """A cell that did not run to the end: "not run: ..." (a time budget) or "failed: ..."."""
+    error = cell["error"].replace("|", "/")
+    return error[:width] if error.startswith("not run") else f"failed: {error[:width]}"
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
@@ -103,7 +109,7 @@ def training_table(payload: dict[str, Any]) -> list[str]:
         for backbone in backbones:
             cell = cells.get(f"{backbone}/{label}", {})
             if "error" in cell:
-                row += ["failed", cell["error"][:60].replace("|", "/"), ""]
+                row += [failure(cell, 60), "", ""]
                 continue
             grow = cell["peak_mb"] - cell["idle_mb"] if cell else None
             util = mfu(cell, peak)
@@ -120,7 +126,7 @@ def eval_table(payload: dict[str, Any]) -> list[str]:
              "|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for key, cell in payload["results"]["eval"].items():
         if "error" in cell:
-            lines.append(f"| {key} | failed: {cell['error'][:80]} |")
+            lines.append(f"| {key} | {failure(cell)} |")
             continue
         per_ep = None
         if cell.get("uncached_episodes"):

@@ -31,13 +31,10 @@ log = logging.getLogger("metarun")
 def _quiet_libraries() -> None:
     """Keep the user's terminal to metarun's own lines."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import datasets
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
 
 
 FAILED: list[str] = []  # a multirun's failed jobs, listed when the sweep ends

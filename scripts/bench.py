@@ -49,20 +49,35 @@ BACKBONES = ("tiny", "minilm", "bert-base-random")
 SHAPE = ["task=icd10", "task.way=5", "task.shots=5", "task.queries=5", "train.meta_batch_size=2"]
 
 
+# When the whole invocation must end (time.monotonic()), set from --budget. A lent GPU or a job
+# slot is held for a fixed time: cells past it are recorded as not run instead of losing them all.
+DEADLINE: float | None = None
+NOT_RUN = "not run: --budget spent"
+
+
 def run_cell(kind: str, args: dict[str, Any], threads: int) -> dict[str, Any]:
     """Run one cell in a fresh interpreter; its last stdout line is the JSON result."""
+    left = None if DEADLINE is None else DEADLINE - time.monotonic()
+    if left is not None and left <= 0:
+        return {"error": NOT_RUN}
     code = ("import json, sys; from benchmarks.measure import CELLS; "
             "print(json.dumps(CELLS[sys.argv[1]](**json.loads(sys.argv[2]))))")  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": str(ROOT)}  # fmt: skip
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    proc = subprocess.run([sys.executable, "-c", code, kind, json.dumps(args)], cwd=ROOT,
-                          env=env, capture_output=True, text=True)  # fmt: skip
+    started = time.monotonic()
+    try:
+        proc = subprocess.run([sys.executable, "-c", code, kind, json.dumps(args)], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=left)  # fmt: skip
+    except subprocess.TimeoutExpired:
+        return {"error": f"{NOT_RUN} (stopped after {left:.0f} s)"}
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-3:]
         return {"error": " | ".join(tail) or f"exit {proc.returncode}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    # the process's whole wall time (start-up, loading, replays): what a cell costs a budget
+    return {**json.loads(proc.stdout.strip().splitlines()[-1]),
+            "cell_seconds": time.monotonic() - started}  # fmt: skip
 
 
 def hardware_overrides(args: argparse.Namespace) -> list[str]:
@@ -153,6 +168,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--threads", type=int, default=0, help="torch threads per cell; 0: default")
+    add_budget(p)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results-cpu.json")
     p.add_argument("--markdown", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     args = p.parse_args(argv)
@@ -160,6 +176,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"--algos: unknown {', '.join(unknown)}; choose from {', '.join(ALGOS)}")
     return args
+
+
+def add_budget(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds for the whole invocation; cells past it are recorded as not "
+                        "run, and the results written all the same")  # fmt: skip
+
+
+def start_budget(seconds: float | None) -> None:
+    global DEADLINE
+    DEADLINE = None if seconds is None else time.monotonic() + seconds
 
 
 def write(args: argparse.Namespace, payload: dict[str, Any], block: str, markdown: str) -> None:
@@ -175,6 +202,7 @@ def write(args: argparse.Namespace, payload: dict[str, Any], block: str, markdow
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     started = time.time()
+    start_budget(args.budget)
     results = measure(args)
     command = " ".join(["python scripts/bench.py", *(argv if argv is not None else sys.argv[1:])])
     payload = {"machine": machine(args), "command": command, "steps": args.steps,

@@ -22,9 +22,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench import SHAPE, hardware_overrides, log, machine, run_cell, write  # noqa: E402
+from bench import (  # noqa: E402
+    SHAPE,
+    add_budget,
+    hardware_overrides,
+    log,
+    machine,
+    run_cell,
+    start_budget,
+    write,
+)
 
-from benchmarks.tables import fmt, rate  # noqa: E402
+from benchmarks.tables import failure, fmt, rate  # noqa: E402
 
 VERBALIZER = ["algo=maml", "algo.head=verbalizer", "algo.adapt=lora", "backbone.trainable=none"]
 TRAIN = {
@@ -62,14 +71,14 @@ def render(payload: dict[str, Any]) -> str:
     ]
     for label, cell in res["train"].items():
         if "error" in cell:
-            lines.append(f"| {label} | failed: {cell['error'][:80]} | | |")
+            lines.append(f"| {label} | {failure(cell)} | | |")
             continue
         lines.append(f"| {label} | {fmt(rate(cell), '.3f')} | {fmt(cell['peak_mb'], '.0f')} | "
                      f"{fmt(cell['flops'] / cell['episodes'] / 1e9, '.0f')} |")  # fmt: skip
     icl = res["icl"]
     lines += ["", "| in-context learning | episodes | episodes/s | accuracy |", "|---|---|---|---|"]
     if "error" in icl:
-        lines.append(f"| failed: {icl['error'][:80]} | | | |")
+        lines.append(f"| {failure(icl)} | | | |")
     else:
         for label, name in (("unshared", "each (query, label) alone"),
                             ("shared", "shared prefix")):  # fmt: skip
@@ -92,6 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--threads", type=int, default=0)
+    add_budget(p)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results-llm-cpu.json")
     p.add_argument("--markdown", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     return p.parse_args(argv)
@@ -100,6 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     started = time.time()
+    start_budget(args.budget)
     results = measure(args)
     command = " ".join(
         ["python scripts/bench_llm.py", *(argv if argv is not None else sys.argv[1:])]

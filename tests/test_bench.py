@@ -119,3 +119,56 @@ def test_llm_bench_smoke_on_a_tiny_llama(tmp_path):
     assert icl["shared"]["episodes"] == icl["unshared"]["episodes"] == 3
     assert icl["shared"]["acc"] == icl["unshared"]["acc"]
     assert "<!-- bench-llm:cpu:begin -->" in md.read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU-only machine")
+def test_gpu_check_refuses_cleanly_without_cuda(tmp_path):
+    out = tmp_path / "check"
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), str(out)],
+                          capture_output=True, text=True, timeout=120,
+                          env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stdout == "" and len(proc.stderr.strip().splitlines()) == 1
+    assert "no CUDA GPU" in proc.stderr and "Traceback" not in proc.stderr
+    assert not out.exists()  # nothing written before the refusal
+
+
+def test_gpu_summary_reports_each_step_and_the_protocol_run(tmp_path):
+    (tmp_path / "steps.tsv").write_text(
+        "tests\t0\t41\nbench\t1\t90\nbench-llm\t124\t150\n"
+        "torchrun-nccl\tskipped\t0\tone GPU: NCCL refuses two ranks on one device\n"
+    )
+    (tmp_path / "bench.log").write_text("cell started\nRuntimeError: CUDA out of memory\n")
+    (tmp_path / "protocol").mkdir()
+    summary = {"status": "completed", "test": {"acc": 0.9, "acc_ci95": 0.01, "episodes": 600},
+               "wall_seconds": 55.0, "device": "cuda:0", "processes": 1}  # fmt: skip
+    (tmp_path / "protocol" / "summary.json").write_text(json.dumps(summary))
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gpu_summary.py"),
+                           str(tmp_path)], capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 1, proc.stderr  # a step failed
+    payload = json.loads((tmp_path / "gpu-check.json").read_text())
+    status = {s["step"]: s["status"] for s in payload["steps"]}
+    assert status == {"tests": "passed", "bench": "failed", "bench-llm": "timed out",
+                      "torchrun-nccl": "skipped"}  # fmt: skip
+    notes = {s["step"]: s["note"] for s in payload["steps"]}
+    assert notes["bench"] == "RuntimeError: CUDA out of memory"
+    assert "two ranks" in notes["torchrun-nccl"]
+    assert payload["protocol"]["test_acc"] == 0.9 and payload["torchrun_nccl"] is None
+    assert "protocol run: completed" in proc.stdout
+
+
+def test_a_spent_budget_records_cells_as_not_run_and_still_writes(tmp_path):
+    """--budget: a lent GPU is held for a fixed time; cells past it are listed as not run,
+    and the results file and the markdown block are written all the same."""
+    out, md = tmp_path / "results.json", tmp_path / "BENCHMARKS.md"
+    proc = subprocess.run(
+        [sys.executable, "scripts/bench.py", "--backbones", "tiny", "--algos", "protonet,maml",
+         "--eval-backbones", "tiny", "--budget", "0", "--out", str(out), "--markdown", str(md)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads(out.read_text())["results"]
+    cells = [*res["train"].values(), *res["reference"].values(), *res["eval"].values()]
+    assert len(cells) == 5 and all(c["error"].startswith("not run") for c in cells)
+    text = md.read_text()
+    assert "not run: --budget spent" in text and "failed" not in text

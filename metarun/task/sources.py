@@ -106,8 +106,10 @@ def read_hub(
     dataset_id: str, config: str | None, text_col: str, label_col: str, on_invalid: str
 ) -> tuple[dict[str, list[str]], RowCounts]:
     """A Hugging Face hub dataset, all of its splits pooled (the meta-splits are by class)."""
-    import datasets
+    import datasets  # imported here only: most runs read local files and never need it
 
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
     try:
         dd = datasets.load_dataset(dataset_id, config)
     except Exception as err:  # the hub raises many types; all mean "could not load"
