@@ -22,11 +22,19 @@ from metarun.errors import MetarunError
 # Allowed ranges, by dotted key; keys absent from a config (another algorithm's) are skipped.
 # (bound, comparison, its words); None values are the schema's "unset" and are not checked.
 AT_LEAST, ABOVE = (operator.ge, ">="), (operator.gt, ">")
-LIMITS: dict[str, tuple[float, tuple[Callable[[Any, Any], bool], str]]] = {
+AT_MOST, BELOW = (operator.le, "<="), (operator.lt, "<")
+Limit = tuple[float, tuple[Callable[[Any, Any], bool], str]]
+LIMITS: dict[str, Limit | list[Limit]] = {
+    # seeds feed numpy's generators, which take unsigned 32-bit integers
+    "seed": [(0, AT_LEAST), (2**32, BELOW)],
+    "task.eval_seed": [(0, AT_LEAST), (2**32, BELOW)],
+    "task.split_seed": [(0, AT_LEAST), (2**32, BELOW)],
     "task.way": (2, AT_LEAST),
     "task.shots": (1, AT_LEAST),
     "task.queries": (1, AT_LEAST),
-    "task.test_episodes": (2, AT_LEAST),  # one episode has no confidence interval
+    # one episode has no confidence interval; the fixed episodes are all drawn and held before
+    # evaluation, so a count past 100,000 (a typo such as 1e8) would fill memory
+    "task.test_episodes": [(2, AT_LEAST), (100_000, AT_MOST)],
     "train.steps": (0, AT_LEAST),
     "train.meta_batch_size": (1, AT_LEAST),
     "train.episodes_per_backward": (1, AT_LEAST),
@@ -64,7 +72,9 @@ LIMITS: dict[str, tuple[float, tuple[Callable[[Any, Any], bool], str]]] = {
 }
 # Needed only when the run trains (train.steps or train.contrastive_steps > 0): validation picks
 # the checkpoint.
-WHEN_TRAINING = {"task.val_episodes": (2, AT_LEAST)}
+WHEN_TRAINING: dict[str, Limit | list[Limit]] = {
+    "task.val_episodes": [(2, AT_LEAST), (100_000, AT_MOST)]
+}
 
 
 def closest(word: str, options: list[str]) -> str | None:
@@ -114,12 +124,13 @@ def _value(cfg: DictConfig, key: str) -> Any:
 def check_values(cfg: DictConfig) -> None:
     trains = (_value(cfg, "train.steps") or 0) + (_value(cfg, "train.contrastive_steps") or 0)
     limits = LIMITS | (WHEN_TRAINING if trains > 0 else {})
-    for key, (bound, (ok, words)) in limits.items():
+    for key, bounds in limits.items():
         value = _value(cfg, key)
         if value is None or isinstance(value, bool) or not isinstance(value, int | float):
             continue
-        if (isinstance(value, float) and not math.isfinite(value)) or not ok(value, bound):
-            raise MetarunError(f"{key}={value} is out of range: it must be {words} {bound}")
+        for bound, (ok, words) in bounds if isinstance(bounds, list) else [bounds]:
+            if (isinstance(value, float) and not math.isfinite(value)) or not ok(value, bound):
+                raise MetarunError(f"{key}={value} is out of range: it must be {words} {bound}")
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -97,6 +97,49 @@ def _placement_overrides(argv: list[str]) -> list[str]:
     return extra
 
 
+# Keys whose values are paths. A folder Hydra itself made can hold `=` and `,` (a multirun
+# job's folder, `0_+experiment=recommended,task.shots=1`), and a path can hold letters outside
+# ASCII; Hydra's grammar reads both as syntax, so such values are quoted for it.
+PATH_KEYS = ("run_dir", "train.resume", "init_from", "task.path", "task.data_dir",
+             "backbone.path")  # fmt: skip
+FOLDER_KEYS = ("run_dir", "train.resume", "init_from")  # a run's folder, never a file
+PLAIN = re.compile(r"^[A-Za-z0-9_./\\\-+~@%]*$")  # what Hydra reads as a plain string
+
+
+def quote_paths(argv: list[str]) -> list[str]:
+    """Path values an unquoted override cannot carry, quoted: an existing path (a sweep over
+    two folders is `a,b`, which is not one), or one with letters outside ASCII."""
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        bare = key.lstrip("+~")
+        if eq and bare in PATH_KEYS and value and value[0] not in "'\"" and not PLAIN.match(value):
+            quote = next((q for q in "'\"" if q not in value), None)
+            if quote and (Path(value).expanduser().exists() or not value.isascii()):
+                arg = f"{key}={quote}{value}{quote}"
+        out.append(arg)
+    return out
+
+
+def check_placement(argv: list[str]) -> None:
+    """Mistakes in where a run goes, refused before Hydra makes any folder: a folder key
+    naming a file, and one folder given to a sweep's many jobs."""
+    multirun = bool({"-m", "--multirun"} & set(argv))
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if not eq or key not in FOLDER_KEYS or value in ("", "null"):
+            continue
+        path = Path(value.strip("'\"")).expanduser()
+        if path.is_file():
+            raise MetarunError(f"{key}={value} is a file; {key} names a run's folder")
+        if multirun and key != "init_from":
+            raise MetarunError(
+                f"{key}={value} names one folder, but -m runs a sweep whose jobs each need their "
+                "own: drop it (jobs go under hydra.sweep.dir, which you may set), or run a "
+                "single job without -m"
+            )
+
+
 def with_overrides(argv: list[str], extra: list[str]) -> list[str]:
     """`extra` beside the command's own overrides: argparse reads overrides as one run of
     positional arguments, so `task=x --cfg job y=1` would be refused."""
@@ -199,8 +242,13 @@ def main() -> None:
         print(help_text())
         return
     register_configs()
+    try:
+        check_placement(args)
+    except MetarunError as err:
+        _fail(str(err))
     _quiet_libraries()
-    sys.argv[1:] = with_overrides(sys.argv[1:], _placement_overrides(sys.argv[1:]))
+    args = quote_paths(args)
+    sys.argv[1:] = with_overrides(args, _placement_overrides(args))
     if os.environ.get("HYDRA_FULL_ERROR"):  # the user asked for Hydra's full traces
         _app()
         return

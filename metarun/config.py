@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -277,6 +278,10 @@ class MetarunConfig:
     # A finished run folder whose trained weights this run starts from (same backbone and
     # algorithm): with train.steps=0 it evaluates them on this task, e.g. another dataset
     init_from: str | None = None
+    # Modules besides metarun's whose classes algo._target_ may name (your own algorithms):
+    # algo_modules=[mylab] allows mylab.*. Checked before anything is imported, since an
+    # import runs the module's code.
+    algo_modules: list[str] = field(default_factory=list)
 
 
 ALGO_SCHEMAS: dict[str, type] = {
@@ -327,12 +332,24 @@ def safe_name(text: str, limit: int = 120) -> str:
     return cleaned[:limit].rstrip("_,") or "job"
 
 
+RUN_TOKEN_BYTES = 3
+
+
+def run_token() -> str:
+    """Resolver `${run_token:}`: six random hex digits that make a default folder name unique
+    even for runs started in the same second (a shell loop with `&`, a SLURM array). Hydra
+    copies resolver caches from a sweep's config to its jobs', so one sweep has one token."""
+    return secrets.token_hex(RUN_TOKEN_BYTES)
+
+
 def register_configs() -> None:
     """Register schemas and resolvers; idempotent, called before every composition."""
     if not OmegaConf.has_resolver("pkg_model"):
         OmegaConf.register_new_resolver("pkg_model", package_model_path)
     if not OmegaConf.has_resolver("pkg_dir"):
         OmegaConf.register_new_resolver("pkg_dir", package_dir)
+    if not OmegaConf.has_resolver("run_token"):
+        OmegaConf.register_new_resolver("run_token", run_token, use_cache=True)
     if not OmegaConf.has_resolver("safe_name"):
         OmegaConf.register_new_resolver("safe_name", safe_name)
     cs = ConfigStore.instance()

@@ -12,7 +12,7 @@ import random
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +27,15 @@ from metarun.checks import check_config
 from metarun.config import HardwareConfig, MetarunConfig, TrainConfig
 from metarun.contrastive import ClassBatchSampler, ContrastiveStage
 from metarun.distributed import Dist, init_distributed, shutdown
-from metarun.errors import MetarunError, RunInterrupted
+from metarun.errors import MetarunError, RunInterrupted, os_error_in
 from metarun.evaluate import EvalResult, evaluate
+from metarun.interrupts import STOP
 from metarun.logger import JsonlSink, Logger, StdoutSink, WandbSink
 from metarun.record import git_commit, load_checkpoint, versions, write_json
-from metarun.resume import STATE_FILE, check_same_run, trim_metrics
+from metarun.resume import STATE_FILE, check_same_data, check_same_run, trim_metrics
 from metarun.reuse import check_same_model, load_trained, source_config
 from metarun.rundir import (
+    FolderLock,
     attach_log,
     claim,
     clear,
@@ -176,53 +178,91 @@ def run_facts(cfg: MetarunConfig, data: TaskData | None, device: torch.device) -
     }  # fmt: skip
 
 
-def check_before_loading(cfg: DictConfig, run_dir: Path, choices: dict[str, str]) -> None:
-    """Keys, value ranges and the algorithm class, before any data, model or file; a fresh
-    folder (a sweep's job) still records why its run never started."""
+def check_before_loading(
+    cfg: DictConfig, run_dir: Path, choices: dict[str, str], group: str | None
+) -> None:
+    """Keys, value ranges and the algorithm class, before any data, model or file. A sweep's
+    job still records in its own fresh folder why it never started (the sweep goes on); a
+    single command writes nothing, so the corrected command can use the same run_dir."""
     try:
         check_config(cfg)
-        algorithm_kwargs(cfg.algo, algorithm_class(cfg.algo.get("_target_")))
+        target = cfg.algo.get("_target_")
+        algorithm_kwargs(cfg.algo, algorithm_class(target, list(cfg.get("algo_modules") or [])))
     except MetarunError as err:
-        if os.environ.get("RANK", "0") == "0" and not run_files(run_dir):
+        main = os.environ.get("RANK", "0") == "0"
+        if group is not None and main and not run_files(run_dir):
             run_dir.mkdir(parents=True, exist_ok=True)
             failed = {"status": "failed", "error": str(err), "run_dir": str(run_dir), **choices}
             write_json(run_dir / "summary.json", failed)
+        elif group is None and main:
+            remove_if_empty(run_dir)
         raise
+
+
+def remove_if_empty(run_dir: Path) -> None:
+    """Hydra creates a run's folder before metarun sees the command: a command refused at
+    once should not leave an empty folder behind."""
+    with contextlib.suppress(OSError):  # not empty, or already gone: nothing to tidy
+        run_dir.rmdir()
 
 
 def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], group: str | None) -> float:
     """Run one experiment into `run_dir`; returns the best validation accuracy (nan if none)."""
     started = time.time()
-    check_before_loading(cfg, run_dir, choices)
+    check_before_loading(cfg, run_dir, choices, group)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     typed: MetarunConfig = OmegaConf.to_object(cfg)
     device, autocast, dist = setup_hardware(typed.hardware)
+    lock: FolderLock | None = None
     try:
-        run_dir = dist.broadcast(run_dir)
-        mode = claim(run_dir, typed.run_dir_mode, bool(typed.train.resume))
-        state = None
-        if mode == "resume":  # both only read: a refused resume leaves the folder as it was
-            check_same_run(run_dir, resolved)
-            state = load_checkpoint(run_dir / STATE_FILE)
-        return _run(typed, cfg, resolved, run_dir, mode, state, choices, group, device,
-                    autocast, dist, started)  # fmt: skip
+        with STOP.installed():
+            run_dir = dist.broadcast(run_dir)
+            if dist.main:  # held until the run ends: one live process per folder
+                lock = FolderLock(run_dir).acquire()
+            claimed = claim_run_dir(run_dir, typed, resolved)
+            return _run(typed, cfg, resolved, run_dir, claimed, choices, group, device,
+                        autocast, dist, started)  # fmt: skip
     finally:
+        if lock is not None:
+            lock.release()
         shutdown(dist)
 
 
+@dataclass
+class Claimed:
+    """How this command uses its folder, and what a resume read before writing anything."""
+
+    mode: str  # fresh, resume or overwrite
+    state: dict | None = None  # last.pt, when resuming
+    data: TaskData | None = None  # the task, read to compare with the state's
+
+
+def claim_run_dir(run_dir: Path, typed: MetarunConfig, resolved: dict) -> Claimed:
+    """The folder's mode; a resume is checked (config, then data) before anything is written,
+    so a refused resume leaves the folder as it was."""
+    mode = claim(run_dir, typed.run_dir_mode, bool(typed.train.resume))
+    if mode != "resume":
+        return Claimed(mode)
+    check_same_run(run_dir, resolved)
+    state = load_checkpoint(run_dir / STATE_FILE)
+    data = load_task(typed.task)
+    check_same_data(run_dir, state, data.summary())
+    return Claimed(mode, state, data)
+
+
 def open_run_dir(
-    run_dir: Path, mode: str, state: dict | None, cfg: DictConfig, resolved: dict, env: dict
+    run_dir: Path, claimed: Claimed, cfg: DictConfig, resolved: dict, env: dict
 ) -> logging.Handler:
     """The claimed folder's files (main process): afresh when overwriting, stale temporary
     files gone, metrics past the resumed step dropped, `.hydra/`, metarun.log, the config."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    if mode == "overwrite":
+    if claimed.mode == "overwrite":
         clear(run_dir)
     remove_stale_tmp(run_dir)
     handler = attach_log(run_dir)
     write_hydra_files(run_dir, cfg)
-    if state is not None:
-        trim_metrics(run_dir / "metrics.jsonl", state["step"])
+    if claimed.state is not None:
+        trim_metrics(run_dir / "metrics.jsonl", claimed.state["step"])
     OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
     write_json(run_dir / "environment.json", env)
     return handler
@@ -232,7 +272,8 @@ def failure(err: BaseException) -> tuple[str, BaseException]:
     """The status, and the error to raise: a write that failed (disk full, read-only) becomes
     one line naming the file; it goes into metarun.log either way."""
     status = "interrupted" if isinstance(err, RunInterrupted | KeyboardInterrupt) else "failed"
-    if isinstance(err, OSError) and (message := os_error_message(err)):
+    os_error = os_error_in(err)
+    if os_error is not None and (message := os_error_message(os_error)):
         err = MetarunError(message)
     if isinstance(err, MetarunError | KeyboardInterrupt):
         file_log.error("%s: %s", status, err or "Ctrl-C")
@@ -242,18 +283,19 @@ def failure(err: BaseException) -> tuple[str, BaseException]:
 
 
 def _run(
-    typed: MetarunConfig, cfg: DictConfig, resolved: dict, run_dir: Path, mode: str,
-    state: dict | None, choices: dict, group: str | None, device: torch.device,
-    autocast: Callable, dist: Dist, started: float,
+    typed: MetarunConfig, cfg: DictConfig, resolved: dict, run_dir: Path, claimed: Claimed,
+    choices: dict, group: str | None, device: torch.device, autocast: Callable, dist: Dist,
+    started: float,
 ) -> float:  # fmt: skip
     env = {"choices": choices, "versions": versions(), "git_commit": git_commit()}
-    handler = open_run_dir(run_dir, mode, state, cfg, resolved, env) if dist.main else None
+    handler = open_run_dir(run_dir, claimed, cfg, resolved, env) if dist.main else None
+    state = claimed.state
     summary: dict[str, Any] = {"status": "failed", "run_dir": str(run_dir), **choices}
     data: TaskData | None = None
     logger: Logger | None = None
     try:
         seed_everything(typed.seed)
-        data = load_task(typed.task)
+        data = claimed.data or load_task(typed.task)
         needed = ("train", "valid", "test") if trains(typed.train) else ("test",)
         check_feasible(data, typed.task, needed)
         log.info("task %s: %s", choices.get("task"), data.summary())
@@ -264,7 +306,8 @@ def _run(
         logger = build_logger(typed, run_dir, choices, algo.family, group, resolved, wandb_id,
                               dist)  # fmt: skip
         trainer = Trainer(algo, typed.train, sampler, val, logger, run_dir / "checkpoint.pt",
-                          {"config": resolved, **env}, autocast, typed.logger.progress,
+                          {"config": resolved, **env, "data": data.summary()}, autocast,
+                          typed.logger.progress,
                           run_dir / STATE_FILE, dist,
                           contrastive_stage(data, typed, dist.rank))  # fmt: skip
         if state is not None and trainer.params:
@@ -310,8 +353,9 @@ def build_model(
     a trained run; what was truncated and loaded goes into the summary."""
     encoder = load_backbone(typed.backbone)
     encoder.set_texts(data.texts)
+    summary["backbone_params"] = sum(p.numel() for p in encoder.model.parameters())
     summary["truncated_texts"] = check_truncation(encoder, typed.backbone.max_length)
-    algo = build_algorithm(cfg.algo, encoder, typed.task.way)
+    algo = build_algorithm(cfg.algo, encoder, typed.task.way, typed.algo_modules)
     algo.prepare(data)
     if typed.init_from:
         source = Path(typed.init_from)

@@ -15,7 +15,7 @@ from typing import IO, Any
 
 import torch
 
-from metarun.errors import MetarunError
+from metarun.errors import MetarunError, os_error_in
 
 PACKAGES = (
     "metarun",
@@ -87,8 +87,9 @@ def atomic(path: Path, mode: str = "w") -> Iterator[IO]:
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError) and err.filename is None:
-            err.filename = str(path)  # a full disk's error names no file: name the one we wrote
+        cause = os_error_in(err)  # torch.save's RuntimeError carries it as its cause
+        if cause is not None and cause.filename is None:
+            cause.filename = str(path)  # a full disk's error names no file: name the one we wrote
         raise
 
 
@@ -103,8 +104,13 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
         torch.save(payload, f)
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint's contents; a truncated or foreign file is one line saying what to do."""
+RESUME_ADVICE = ("resume from another run folder, or start afresh with run_dir_mode=overwrite "
+                 "(or another run_dir)")  # fmt: skip
+
+
+def load_checkpoint(path: Path, advice: str = RESUME_ADVICE) -> dict[str, Any]:
+    """A checkpoint's contents; a truncated or foreign file is one line saying what to do
+    (`advice`: resuming a run and reusing its weights call for different fixes)."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -112,6 +118,5 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ...
         raise MetarunError(
             f"{path} is not a readable metarun checkpoint ({type(err).__name__}; truncated or "
-            "written by something else); resume from another run folder, or start afresh with "
-            "run_dir_mode=overwrite (or another run_dir)"
+            f"written by something else); {advice}"
         ) from None

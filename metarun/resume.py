@@ -91,3 +91,26 @@ def trim_metrics(path: Path, step: int) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(f"{line}\n" for line in kept))
     tmp.replace(path)
+
+
+def check_same_data(run_dir: Path, state: dict[str, Any], data: dict[str, Any]) -> None:
+    """A resumed run must read the data it started on: the same config can point at a file
+    that was replaced since. `data` and the state's "data" are TaskData.summary()s; a state
+    saved before fingerprints existed is not checked."""
+    saved = state.get("data") or {}
+    if saved.get("split_fingerprint") in (None, data["split_fingerprint"]):
+        return
+    counts = [f"{split} {saved[split]['classes']} -> {data[split]['classes']} classes, "
+              f"{saved[split]['texts']} -> {data[split]['texts']} texts"
+              for split in ("train", "valid", "test")
+              if split in saved and split in data and saved[split] != data[split]]  # fmt: skip
+    if counts:
+        what = "; ".join(counts)
+    elif saved.get("fingerprint") != data["fingerprint"]:
+        what = "the same counts, other texts or labels"
+    else:
+        what = "the same texts, other classes in the splits"
+    raise MetarunError(
+        f"cannot resume {run_dir}: the task's data changed since the run started ({what}); "
+        "resume on the data it started with, or start afresh with run_dir_mode=overwrite"
+    )

@@ -66,7 +66,8 @@ def load_trained(algo: Algorithm, folder: Path, key: str = "init_from") -> dict[
             f"{key}={folder} has no checkpoint.pt (a train.steps=0 run, or "
             "train.save_checkpoint=false): it has no trained weights to reuse"
         )
-    state = load_checkpoint(path)["trainable_state"]
+    advice = "choose another run folder, or rerun that run to write its weights again"
+    state = load_checkpoint(path, advice)["trainable_state"]
     own = dict(algo.named_parameters())
     unknown = sorted(k for k in state if k not in own)
     if unknown:

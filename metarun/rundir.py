@@ -9,7 +9,9 @@ folder that holds another run is never touched.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -30,6 +32,57 @@ LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # as Hydra'
 file_log = logging.getLogger("metarun.runlog")
 file_log.propagate = False
 file_log.addHandler(logging.NullHandler())  # processes without a run folder: nowhere
+
+
+LOCK_FILE = ".metarun.lock"  # holds the pid of the process that owns the folder
+
+
+class FolderLock:
+    """An exclusive lock on a run folder for as long as one process uses it.
+
+    `flock` on a lock file inside the folder: the kernel releases it when the process dies,
+    however it dies, so a stale file never blocks anyone. The file is removed when the lock is
+    released (a refused command leaves the folder as it found it); a process that locked a file
+    another one had just removed sees that its path no longer names the locked file, and tries
+    again.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / LOCK_FILE
+        self.fd: int | None = None
+
+    def acquire(self) -> FolderLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise MetarunError(
+                    f"run_dir={self.path.parent} is in use by another metarun process (pid "
+                    f"{holder}); wait for it to end, or choose another run_dir"
+                ) from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # locked a file its owner had just removed: take the new one
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        self.path.unlink(missing_ok=True)  # while still locked: nobody takes a dying file
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = None
 
 
 def run_files(run_dir: Path) -> list[str]:

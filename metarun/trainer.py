@@ -8,10 +8,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +21,9 @@ from metarun.algo import Algorithm
 from metarun.config import TrainConfig
 from metarun.contrastive import ContrastiveStage
 from metarun.distributed import Dist
-from metarun.errors import MetarunError, RunInterrupted
+from metarun.errors import MetarunError
 from metarun.evaluate import EvalResult, evaluate
+from metarun.interrupts import STOP
 from metarun.logger import Logger
 from metarun.record import save_checkpoint
 from metarun.resume import rng_state, set_rng_state
@@ -107,7 +106,6 @@ class Trainer:
         self.saved_checkpoint = False
         self.done, self.waited, self.seconds, self.stopped = 0, 0, 0.0, False
         self.episodic_seconds = 0.0  # the episodic steps' share of `seconds` (episodes/s)
-        self.interrupted = False
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The parameters training changes; frozen weights come back from the backbone config."""
@@ -241,29 +239,9 @@ class Trainer:
             self.contrastive.sampler.load_state_dict(state["contrastive_sampler"])
         log.info("resumed at step %d of %d", self.done, self.total)
 
-    @contextlib.contextmanager
-    def interrupt_guard(self) -> Iterator[None]:
-        """The first Ctrl-C asks the loop to stop after the current step and save; a second
-        one interrupts at once."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum, frame) -> None:
-            if self.interrupted:
-                raise KeyboardInterrupt
-            self.interrupted = True
-            log.warning("Ctrl-C: stopping after this step and saving (again to abort now)")
-
-        previous = signal.signal(signal.SIGINT, handler)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
-
     def stop_requested(self) -> bool:
         """Whether any process was asked to stop (all must stop at the same step)."""
-        return self.dist.sum({"stop": float(self.interrupted)}, self.params[0].device)["stop"] > 0
+        return self.dist.sum({"stop": float(STOP.requested)}, self.params[0].device)["stop"] > 0
 
     def fit(self) -> FitResult:
         cfg = self.cfg
@@ -278,7 +256,7 @@ class Trainer:
         first = self.done + 1
         bar = tqdm(range(first, self.total + 1), desc="meta-train", disable=not self.progress,
                    initial=self.done, total=self.total)  # fmt: skip
-        with self.interrupt_guard():
+        with STOP.deferred():
             for step in bar if not self.stopped else ():
                 start = time.perf_counter()
                 metrics = self.step(step)
@@ -305,10 +283,7 @@ class Trainer:
                 if step % every == 0 or step == self.total or self.stopped or interrupted:
                     self.save_state()
                 if interrupted:
-                    raise RunInterrupted(
-                        f"interrupted after step {step}; the state is saved in "
-                        f"{self.state_path}: resume with train.resume={self.state_path.parent}"
-                    )
+                    raise STOP.stopped(step, self.state_path.parent)
                 if self.stopped:
                     break
         self.restore_best()

@@ -64,6 +64,7 @@ class Case:
 
 
 TOPICS = sorted({r["label"] for r in synthetic_rows()})
+TEST_CLASS = "travel"  # a test class of FAST's seeded 6 / 3 / 3 split of the topics
 CASES = [
     # Results that were silently wrong
     Case("overlapping-splits", ["task.path=split"], "labels.train.txt and labels.test.txt share 2",
@@ -107,8 +108,30 @@ CASES = [
     # No code from configs
     Case("target-in-added-node", ["+algo.extra={_target_:builtins.print,_args_:[PWNED]}"],
          "algo.extra is not a key of algo"),
-    Case("target-not-an-algorithm", ["algo._target_=os.system"], "is a builtin_function_or_method"
-         ", not a metarun Algorithm"),
+    Case("target-outside-metarun", ["algo._target_=os.system"], "algo._target_=os.system is "
+         "outside metarun's modules: to build your own algorithm class, allow its module with "
+         "algo_modules=[os]"),
+    Case("target-not-an-algorithm", ["algo._target_=os.system", "algo_modules=[os]"],
+         "is a builtin_function_or_method, not a metarun Algorithm"),
+    # Seeds, episode counts and folders that used to end in a traceback
+    Case("negative-seed", ["seed=-1"], "seed=-1 is out of range: it must be >= 0"),
+    Case("huge-eval-seed", ["task.eval_seed=4294967296"], "task.eval_seed=4294967296 is out of "
+         "range: it must be < 4294967296"),
+    Case("negative-split-seed", ["task.split_seed=-3"], "task.split_seed=-3 is out of range"),
+    Case("episodes-typo", ["task.test_episodes=100000000"], "task.test_episodes=100000000 is out "
+         "of range: it must be <= 100000"),
+    Case("run-dir-is-a-file", ["run_dir=data.jsonl"], "run_dir=data.jsonl is a file"),
+    Case("resume-is-a-file", ["train.resume=data.jsonl"], "train.resume=data.jsonl is a file"),
+    Case("sweep-into-one-folder", ["-m", "train.steps=2,6", "run_dir=same"], "run_dir=same names "
+         "one folder, but -m runs a sweep"),
+    Case("resume-on-other-data", ["train.resume=done"], "cannot resume done: the task's data "
+         "changed since the run started (the same counts, other texts or labels)",
+         data(lambda i, r: {**r, "text": r["text"] + " again"} if i == 0 else r), folder=DONE,
+         unchanged=True),
+    Case("resume-on-fewer-rows", ["train.resume=done"], "the task's data changed since the run "
+         "started (test 3 -> 3 classes, ",
+         data(lambda i, r: None if r["label"] == TEST_CLASS and i % 12 == 0 else r),
+         folder=DONE, unchanged=True),
     Case("instantiate-keys", ["algo=icl", "backbone=tiny-gpt2", "+algo._args_=[1]"],
          "algo._args_ is not a key of algo"),
 ]  # fmt: skip

@@ -36,6 +36,20 @@ def test_disk_full_is_one_line_and_the_record_says_failed(tmp_path, synthetic_js
     assert exits and exits[-1].exit_code == 1  # the dashboard shows the run as failed
 
 
+def test_disk_full_inside_torch_save_is_one_line(tmp_path, synthetic_jsonl):
+    """torch.save reports a full disk as a RuntimeError caused by the OSError: found through
+    the cause, it is the same one line as any full disk, naming the checkpoint."""
+    proc = metarun(*FAST, f"task.path={synthetic_jsonl}", "run_dir=run", cwd=tmp_path,
+                   **faulty("enospc-torch"))  # fmt: skip
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "disk is full" in lines[0] and ".pt" in lines[0]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "disk is full" in summary["error"]
+    assert not list((tmp_path / "run").glob("*.tmp"))
+
+
 def test_read_only_output_folder_is_one_line(tmp_path, synthetic_jsonl):
     proc = metarun(*FAST, f"task.path={synthetic_jsonl}", "run_dir=readonly/run", cwd=tmp_path,
                    **faulty("erofs"))  # fmt: skip

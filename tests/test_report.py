@@ -22,7 +22,8 @@ CLASSES = [["a", "b", "c", "d", "e"], ["f", "g", "h", "i", "j"]]
 
 def fake_run(root: Path, name: str, algo: str, split: str, accs: list[float], seed: int = 0,
              task: str = "banking77", eval_seed: int = 1234, steps: int = 60,
-             overrides: list[str] = (), status: str = "completed") -> Path:  # fmt: skip
+             overrides: list[str] = (), status: str = "completed",
+             fingerprint: str | None = None, config: dict | None = None) -> Path:  # fmt: skip
     """A run folder as metarun leaves it, with per-episode accuracies `accs`."""
     run = root / name
     (run / ".hydra").mkdir(parents=True)
@@ -32,10 +33,14 @@ def fake_run(root: Path, name: str, algo: str, split: str, accs: list[float], se
                "wall_seconds": 60.0, "train": {"steps_done": steps},
                "test": {"acc": float(np.mean(accs)), "acc_ci95": 0.01,
                         "episodes": len(accs)}}  # fmt: skip
+    if fingerprint:
+        summary["data"] = {"fingerprint": fingerprint}
     (run / "summary.json").write_text(json.dumps(summary))
-    config = {"train": {"steps": steps}, "seed": seed, "task": {"eval_seed": eval_seed},
-              "algo": {"_target_": f"metarun.algo.x.{algo}"}}  # fmt: skip
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    base = {"train": {"steps": steps}, "seed": seed, "task": {"eval_seed": eval_seed},
+            "algo": {"_target_": f"metarun.algo.x.{algo}"}}  # fmt: skip
+    for key, value in (config or {}).items():
+        base[key] = {**base.get(key, {}), **value}
+    (run / "config.yaml").write_text(yaml.safe_dump(base))
     (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"algo={algo}", *overrides]))
     episodes = {"eval_seed": eval_seed, "accuracy": accs, "classes": classes}
     (run / "test_episodes.json").write_text(json.dumps(episodes))
@@ -191,3 +196,78 @@ def test_report_logs_its_tables_and_plots_to_a_wandb_report_run(tmp_path, monkey
     logged = {item_key(i) for r in records if r.HasField("history") for i in r.history.item}
     assert any(k.startswith("report/banking77, 5-way 1-shot/") for k in logged)  # the table
     assert any(k.startswith("plots/accuracy_banking77_5way/") for k in logged)
+
+
+def test_two_datasets_sharing_a_name_are_two_tasks_and_broken_folders_are_skipped(tmp_path):
+    """Two files both called data.jsonl hold other texts: their runs are never averaged or
+    paired. A truncated summary.json is skipped with one line; the rest is reported."""
+    for i, fp in enumerate(("aaaa1111", "bbbb2222", "aaaa1111")):
+        fake_run(tmp_path, f"r{i}", "protonet", "01", episodes(0.8, 20, i), seed=i,
+                 task="data", fingerprint=fp)  # fmt: skip
+    old = fake_run(tmp_path, "old", "protonet", "01", episodes(0.8, 20, 9), seed=9, task="data")
+    broken = fake_run(tmp_path, "broken", "maml", "01", episodes(0.7, 20, 3))
+    text = (broken / "summary.json").read_text()
+    (broken / "summary.json").write_text(text[: len(text) // 2])
+    runs, notes = collect([tmp_path])
+    tasks = sorted({r.task for r in runs})
+    assert tasks == ["data [aaaa1111]", "data [bbbb2222]", "data [no fingerprint]"]
+    assert sum(r.task == "data [aaaa1111]" for r in runs) == 2
+    assert any(r.folder == old for r in runs)
+    assert len(notes) == 1 and notes[0].startswith(f"skipped {broken.resolve()}: unreadable")
+
+
+def test_report_refuses_a_pair_that_matches_nothing_and_an_out_that_is_a_file(tmp_path, capsys):
+    fake_run(tmp_path / "runs", "p", "protonet", "01", episodes(0.8, 20, 0))
+    fake_run(tmp_path / "runs", "m", "maml", "01", episodes(0.7, 20, 1))
+    with pytest.raises(SystemExit) as exit_:
+        main([str(tmp_path / "runs"), "--pair", "protonet, 60 steps", "mmaml", "--no-plots",
+              "--out", str(tmp_path / "rep")])  # fmt: skip
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--pair 'mmaml' names no single method" in err and "maml, 60 steps @ minilm" in err
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "runs"), "--no-plots", "--out", str(tmp_path / "file")])
+    assert "is a file; give a folder" in capsys.readouterr().err
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_every_row_says_its_setting_and_published_rows_their_source(tmp_path):
+    recipe = {"algo": {"transductive_steps": 3}, "task": {"names_as_examples": True}}
+    fake_run(tmp_path, "trans", "protonet", "01", episodes(0.9, 20, 0), config=recipe)
+    fake_run(tmp_path, "ind", "frozen", "01", episodes(0.8, 20, 1))
+    verbalizer = {"algo": {"head": "verbalizer"}}
+    fake_run(tmp_path, "verb", "maml", "01", episodes(0.7, 20, 2), config=verbalizer,
+             overrides=["algo.head=verbalizer"])  # fmt: skip
+    (report,) = build(collect([tmp_path])[0])
+    settings = {line.row[0]: line.setting for line in report.lines}
+    assert settings == {
+        "protonet, 60 steps": "transductive, class names, extra data: none",
+        "frozen, 60 steps": "inductive, no names, extra data: none",
+        "maml, head=verbalizer, 60 steps": "inductive, class names, extra data: none",
+    }
+    text = markdown(report)
+    assert (
+        "| protonet, 60 steps | minilm (22.7M) | transductive, class names, extra data: none |"
+        in text
+    )
+    published = [line for line in text.splitlines() if "ProtAugment (published)" in line]
+    assert published and "Dopierre et al., ACL 2021" in published[0]
+    assert "augmentation (paraphrases)" in published[0] and "bert-base (110M)" in published[0]
+
+
+def test_evaluations_from_trained_runs_of_one_method_are_replicates_of_one_row(tmp_path):
+    sources = [fake_run(tmp_path / "train", f"s{split}", "protonet", split,
+                        episodes(0.8, 20, int(split)), task="banking77")
+               for split in ("01", "02")]  # fmt: skip
+    for source, split in zip(sources, ("01", "02"), strict=True):
+        run = fake_run(tmp_path / "eval", f"e{split}", "protonet", split,
+                       episodes(0.7, 20, 10 + int(split)), task="clinc150", steps=0)  # fmt: skip
+        summary = json.loads((run / "summary.json").read_text())
+        summary["init_from"] = {"run": str(source)}
+        (run / "summary.json").write_text(json.dumps(summary))
+    runs, _ = collect([tmp_path / "eval"])
+    (report,) = build(runs)
+    (line,) = report.lines
+    assert line.row[0] == "protonet, from (protonet, 60 steps, on banking77), no further training"
+    assert len(line.runs) == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -86,7 +87,8 @@ def test_predict_labels_a_file_of_new_texts(tmp_path, trained):
         for label in classes:
             words = TOPICS[label].split()
             writer.writerows([[" ".join(words[:3]), label], [" ".join(words[3:6]), label]])
-    queries = [{"text": " ".join(TOPICS[c].split()[i : i + 3])} for c in classes for i in (1, 2)]
+    queries = [{"id": f"q{c}{i}", "text": " ".join(TOPICS[c].split()[i : i + 3])}
+               for c in classes for i in (1, 2)]  # fmt: skip
     (tmp_path / "new.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
     proc = predict_cli(str(trained), "--support", "support.csv", "--queries", "new.jsonl",
                        "--out", "pred.csv", cwd=tmp_path)  # fmt: skip
@@ -94,6 +96,7 @@ def test_predict_labels_a_file_of_new_texts(tmp_path, trained):
     with (tmp_path / "pred.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["text"] for r in rows] == [q["text"] for q in queries]
+    assert [r["id"] for r in rows] == [q["id"] for q in queries]  # joins back to the input
     for row in rows:
         probs = [float(row[f"prob_{c}"]) for c in sorted(classes)]
         assert abs(sum(probs) - 1) < 1e-4 and row["predicted"] in classes
@@ -124,5 +127,73 @@ def test_help_version_and_run_folder_names(tmp_path, synthetic_jsonl):
     proc = metarun(*FAST, f"task.path={synthetic_jsonl}", "train.steps=0", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     (run,) = run_dirs(tmp_path)
-    assert run.name.endswith("_protonet_tiny_local_3w2s")
+    stamp = r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d"
+    assert re.fullmatch(rf"{stamp}_protonet_tiny_local_3w2s_seed0_[0-9a-f]{{6}}", run.name)
     assert (run / ".hydra" / "overrides.yaml").is_file() and (run / "metarun.log").is_file()
+
+
+def test_predict_refuses_a_failed_run_and_an_output_over_its_input(tmp_path, trained):
+    support = tmp_path / "support.jsonl"
+    support.write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows(per_class=2)))
+    (tmp_path / "new.jsonl").write_text(json.dumps({"text": "rain and snow"}) + "\n")
+    failed = tmp_path / "failed"
+    shutil.copytree(trained, failed)
+    summary = json.loads((failed / "summary.json").read_text())
+    summary |= {"status": "failed", "error": "train/loss is NaN at step 3"}
+    (failed / "summary.json").write_text(json.dumps(summary))
+    args = ["--support", "support.jsonl", "--queries", "new.jsonl"]
+    refused = predict_cli(str(failed), *args, "--out", "pred.jsonl", cwd=tmp_path)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == 2 and len(lines) == 1, refused.stderr
+    assert "did not complete (status failed: train/loss is NaN at step 3)" in lines[0]
+    assert "--allow-failed" in lines[0] and not (tmp_path / "pred.jsonl").exists()
+    allowed = predict_cli(str(failed), *args, "--out", "pred.jsonl", "--allow-failed",
+                          cwd=tmp_path)  # fmt: skip
+    assert allowed.returncode == 0 and (tmp_path / "pred.jsonl").is_file(), allowed.stderr
+    before = (tmp_path / "new.jsonl").read_bytes()
+    over = predict_cli(str(trained), *args, "--out", "./new.jsonl", cwd=tmp_path)
+    assert over.returncode == 2 and "--out new.jsonl is an input file" in over.stderr
+    assert (tmp_path / "new.jsonl").read_bytes() == before
+    nowhere = predict_cli(str(trained), *args, "--out", "no/such/pred.csv", cwd=tmp_path)
+    assert nowhere.returncode == 2 and "the folder no/such does not exist" in nowhere.stderr
+    column = predict_cli(str(trained), *args, "--label-column", "intent", cwd=tmp_path)
+    assert column.returncode == 2 and "set --label-column <one of them>" in column.stderr
+    assert "task." not in column.stderr
+    (trained.parent / "broken").mkdir(exist_ok=True)
+    for name in ("summary.json", "config.yaml"):
+        shutil.copy(trained / name, trained.parent / "broken" / name)
+    (trained.parent / "broken" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    corrupt = predict_cli(str(trained.parent / "broken"), *args, cwd=tmp_path)
+    assert corrupt.returncode == 2 and "not a readable metarun checkpoint" in corrupt.stderr
+    assert "resume" not in corrupt.stderr and "Traceback" not in corrupt.stderr
+
+
+def test_predict_is_inductive_unless_asked(tmp_path, trained):
+    """A transductive run (prototypes refined by the queries) labels each text as if alone by
+    default: the same probabilities in a batch and on its own; --transductive makes the whole
+    file one query set, and a text's probabilities then depend on the others."""
+    run = tmp_path / "transductive"
+    shutil.copytree(trained, run)
+    config = (run / "config.yaml").read_text()
+    assert "transductive_steps: 0" in config
+    (run / "config.yaml").write_text(config.replace("transductive_steps: 0",
+                                                    "transductive_steps: 3"))  # fmt: skip
+    support = tmp_path / "support.jsonl"
+    support.write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows(per_class=2)))
+    texts = [r["text"] for r in synthetic_rows(per_class=3, seed=5)][::4]
+    (tmp_path / "all.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (tmp_path / "one.jsonl").write_text(json.dumps({"text": texts[0]}) + "\n")
+
+    def probs(queries: str, *flags: str) -> dict:
+        out = tmp_path / f"{queries}{len(flags)}.jsonl"
+        proc = predict_cli(str(run), "--support", str(support), "--queries",
+                           str(tmp_path / queries), "--out", str(out), *flags,
+                           cwd=tmp_path)  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        first = json.loads(out.read_text().splitlines()[0])
+        return {k: v for k, v in first.items() if k.startswith("prob_")}
+
+    alone, batched = probs("one.jsonl"), probs("all.jsonl")
+    assert all(abs(alone[k] - batched[k]) < 1e-4 for k in alone)
+    moved = probs("all.jsonl", "--transductive")
+    assert any(abs(moved[k] - alone[k]) > 1e-3 for k in alone)

@@ -71,7 +71,8 @@ def test_killed_and_interrupted_runs_resume_exactly(tmp_path, synthetic_jsonl):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130
-    assert err.strip().splitlines()[-1].startswith("metarun: error: interrupted after step")
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("metarun: error: interrupted by Ctrl-C after step")
     assert f"train.resume={stopped}" in err and "Traceback" not in err
     assert json.loads((stopped / "summary.json").read_text())["status"] == "interrupted"
     again = metarun(*args, f"run_dir={stopped}", cwd=tmp_path)  # same folder: resumes by itself

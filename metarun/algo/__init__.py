@@ -42,10 +42,25 @@ def locate(path: str) -> object:
     raise ImportError(f"no module named '{parts[0]}'")
 
 
-def algorithm_class(target: str | None) -> type[Algorithm]:
-    """The class `algo._target_` names, if it is an Algorithm; nothing of it is called."""
+def check_module_allowed(target: str, allowed: list[str]) -> None:
+    """`_target_` may name metarun's modules and those listed in `algo_modules`, checked on
+    the name before any import: importing a module runs its code."""
+    for prefix in ("metarun", *allowed):
+        if target == prefix or target.startswith(f"{prefix}."):
+            return
+    top = target.split(".")[0]
+    raise MetarunError(
+        f"algo._target_={target} is outside metarun's modules: to build your own algorithm "
+        f"class, allow its module with algo_modules=[{top}] (importing it runs its code)"
+    )
+
+
+def algorithm_class(target: str | None, allowed: list[str] | None = None) -> type[Algorithm]:
+    """The class `algo._target_` names, if it is an Algorithm; nothing of it is called.
+    Only metarun's modules and `allowed` ones (config key algo_modules) are imported."""
     if not target:
         raise MetarunError("algo._target_ is missing: choose an algorithm with algo=<name>")
+    check_module_allowed(target, list(allowed or []))
     try:
         cls = locate(target)
     except ImportError as err:
@@ -100,8 +115,10 @@ def check_backbone_kind(cls: type[Algorithm], encoder: Encoder) -> None:
         )
 
 
-def build_algorithm(cfg: DictConfig, encoder: Encoder, way: int) -> Algorithm:
-    cls = algorithm_class(cfg.get("_target_"))
+def build_algorithm(
+    cfg: DictConfig, encoder: Encoder, way: int, allowed: list[str] | None = None
+) -> Algorithm:
+    cls = algorithm_class(cfg.get("_target_"), allowed)
     kwargs = algorithm_kwargs(cfg, cls)
     check_backbone_kind(cls, encoder)
     return cls(encoder=encoder, way=way, **kwargs)

@@ -19,7 +19,7 @@ from pathlib import Path
 from metarun.report import plots
 from metarun.report.blocks import replace_block
 from metarun.report.runs import collect
-from metarun.report.table import LEGEND, GroupReport, build, markdown
+from metarun.report.table import LEGEND, GroupReport, build, find, markdown
 
 BLOCK = "report:results"
 
@@ -85,10 +85,18 @@ def main(argv: list[str] | None = None) -> None:
     missing = [str(f) for f in args.folders if not f.is_dir()]
     if missing:
         parser.error(f"no such folder: {', '.join(missing)}")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file; give a folder for report.md and the plots")
     runs, notes = collect(args.folders)
     if not runs:
         parser.error("no completed run (summary.json + config.yaml) under the folders given")
     reports = build(runs, [tuple(p) for p in args.pair])
+    unmatched = [n for a_b in args.pair for n in a_b
+                 if not any(find(r.lines, n) for r in reports)]  # fmt: skip
+    if unmatched:
+        methods = sorted({line.label for r in reports for line in r.lines})
+        parser.error(f"--pair {unmatched[0]!r} names no single method of these runs; their "
+                     f"methods: {'; '.join(methods)}")  # fmt: skip
     text = render(reports, notes)
     args.out.mkdir(parents=True, exist_ok=True)
     images = [] if args.no_plots else write_plots(reports, args.out)

@@ -9,6 +9,7 @@ of one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from metarun.report.setting import INDUCTIVE, Setting, run_setting
 
 log = logging.getLogger(__name__)
 # Options that name where data lives rather than what it is: the task is named by its data.
@@ -39,6 +42,9 @@ class Run:
     seconds: float
     episodes: list[float] | None  # per-episode test accuracy, when test_episodes.json exists
     classes: list[list[str]] | None  # each test episode's classes: what makes episodes equal
+    data_id: str = ""  # the content fingerprint of the data read ("" for runs made before it)
+    setting: Setting = INDUCTIVE  # inductive or not, names or not, extra data
+    params: float | None = None  # the backbone's parameters, when the summary records them
 
     @property
     def group(self) -> tuple[str, int, int]:
@@ -122,11 +128,29 @@ def method_options(folder: Path) -> list[str]:
     return sorted(options)
 
 
-def method_name(summary: dict[str, Any], config: dict[str, Any], folder: Path) -> str:
+def source_name(source: str, depth: int) -> str:
+    """What a run's init_from names in its method: the source's own method and task, so the
+    evaluations of one method's runs on several splits are replicates of one row (the source
+    folders differ by split); the folder's name when the source is gone or unreadable."""
+    folder = Path(source)
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return folder.name
+    if depth > 3 or not isinstance(summary, dict) or not isinstance(config, dict):
+        return folder.name
+    method = method_name(summary, config, folder, depth + 1)
+    return f"({method}, on {task_name(summary, config)})"
+
+
+def method_name(
+    summary: dict[str, Any], config: dict[str, Any], folder: Path, depth: int = 0
+) -> str:
     algo = str(summary.get("algo") or config["algo"]["_target_"].rsplit(".", 1)[-1])
     steps = int(summary.get("train", {}).get("steps_done") or 0)  # 0 when nothing could train
     source = (summary.get("init_from") or {}).get("run")
-    start = [f"from {Path(source).name}"] if source else []  # weights trained elsewhere
+    start = [f"from {source_name(source, depth)}"] if source else []  # trained elsewhere
     trained = ("no further training" if source else "no meta-training") if steps == 0 else (
         f"{steps} steps")  # fmt: skip
     return ", ".join([algo, *method_options(folder), *start, trained])
@@ -155,6 +179,8 @@ def read_run(summary_path: Path) -> Run | None:
         seed=int(seeds.get("seed", config.get("seed", 0))), eval_seed=eval_seed,
         acc=float(summary["test"]["acc"]), ci95=float(summary["test"]["acc_ci95"] or 0.0),
         seconds=float(summary.get("wall_seconds", 0.0)), episodes=episodes, classes=classes,
+        data_id=str((summary.get("data") or {}).get("fingerprint") or ""),
+        setting=run_setting(config), params=summary.get("backbone_params"),
     )  # fmt: skip
 
 
@@ -163,10 +189,20 @@ def collect(folders: list[Path]) -> tuple[list[Run], list[str]]:
     method on one replicate (a re-run) count once: the newer."""
     chosen: dict[tuple, tuple[float, Run]] = {}
     notes: list[str] = []
+    runs = []
     for path in sorted({p.resolve() for f in folders for p in Path(f).rglob("summary.json")}):
-        run = read_run(path)
-        if run is None:
+        try:
+            run = read_run(path)
+        except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as err:
+            # a truncated summary.json (a run killed while writing it, a full disk) or a
+            # foreign file: the other runs are still reported
+            note = f"skipped {path.parent}: unreadable ({type(err).__name__}: {err})"
+            log.warning(note)
+            notes.append(note)
             continue
+        if run is not None:
+            runs.append((path, run))
+    for path, run in name_datasets(runs):
         key = (run.group, run.row, run.replicate)
         mtime = path.stat().st_mtime
         if key in chosen:
@@ -175,9 +211,28 @@ def collect(folders: list[Path]) -> tuple[list[Run], list[str]]:
             if mtime < chosen[key][0]:
                 continue
         chosen[key] = (mtime, run)
-    if notes:
-        notes = [
-            f"{len(notes)} run(s) repeat a method and replicate of another run; the newer "
-            f"counts, these do not: {', '.join(notes[:3])}{', ...' if len(notes) > 3 else ''}"
-        ]
+    repeats = [n for n in notes if not n.startswith("skipped ")]
+    notes = [n for n in notes if n.startswith("skipped ")]
+    if repeats:
+        notes.append(
+            f"{len(repeats)} run(s) repeat a method and replicate of another run; the newer "
+            f"counts, these do not: {', '.join(repeats[:3])}{', ...' if len(repeats) > 3 else ''}"
+        )
     return [run for _, run in chosen.values()], notes
+
+
+def name_datasets(runs: list[tuple[Path, Run]]) -> list[tuple[Path, Run]]:
+    """Runs whose data share a name (two files called data.jsonl) but not their content are
+    different tasks: each content gets its fingerprint after the name, so they are never
+    averaged or paired. Runs made before fingerprints join the only content there is."""
+    ids: dict[str, set[str]] = {}
+    for _, run in runs:
+        ids.setdefault(run.task, set()).add(run.data_id)
+    out = []
+    for path, run in runs:
+        known = ids[run.task] - {""}
+        if len(known) > 1:
+            suffix = run.data_id[:8] if run.data_id else "no fingerprint"
+            run = dataclasses.replace(run, task=f"{run.task} [{suffix}]")
+        out.append((path, run))
+    return out

@@ -8,14 +8,42 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from metarun.report.runs import Run
+from metarun.report.setting import Setting, backbone_label
 from metarun.report.stats import Paired, holm, pair
 
+
+@dataclass(frozen=True)
+class Published:
+    """A number from a paper, with what it was made with: never shown without its setting."""
+
+    name: str
+    acc: float
+    backbone: str
+    setting: Setting
+    source: str
+
+
+# The ProtAugment paper's own setup: BERT-base fine-tuned as a masked language model on each
+# dataset's utterances (all classes' texts, test classes' included: unlabelled data), shared by
+# the methods it reports; ProtAugment adds paraphrases of those utterances (augmentation).
+MLM = "unlabelled (BERT-base fine-tuned as a masked LM on the dataset's utterances)"
+PROTAUGMENT = "Dopierre et al., ACL 2021, Table 2"
+PROTONET_SETTING = Setting(False, False, MLM)
+PROTAUGMENT_SETTING = Setting(False, False, f"{MLM} + augmentation (paraphrases)")
 # Published 5-way accuracies (%) on the BANKING77 class splits metarun reads, 600 episodes each,
-# mean of 5 splits (Dopierre et al., ACL 2021, Table 2); shown only in their own task's table.
-PUBLISHED: dict[tuple[str, int, int], dict[str, float]] = {
-    ("banking77", 5, 1): {"ProtoNet, BERT-base (published)": 86.3, "ProtAugment (published)": 89.6},
-    ("banking77", 5, 5): {"ProtoNet, BERT-base (published)": 93.9, "ProtAugment (published)": 94.7},
-}
+# mean of 5 splits; shown only in their own task's table.
+PUBLISHED: dict[tuple[str, int, int], list[Published]] = {
+    ("banking77", 5, 1): [
+        Published("ProtoNet (published)", 86.3, "bert-base (110M)", PROTONET_SETTING, PROTAUGMENT),
+        Published("ProtAugment (published)", 89.6, "bert-base (110M)", PROTAUGMENT_SETTING,
+                  PROTAUGMENT),
+    ],
+    ("banking77", 5, 5): [
+        Published("ProtoNet (published)", 93.9, "bert-base (110M)", PROTONET_SETTING, PROTAUGMENT),
+        Published("ProtAugment (published)", 94.7, "bert-base (110M)", PROTAUGMENT_SETTING,
+                  PROTAUGMENT),
+    ],
+}  # fmt: skip
 Row = tuple[str, str]  # (method, backbone)
 
 
@@ -40,6 +68,16 @@ class Line:
     @property
     def label(self) -> str:
         return f"{self.row[0]} @ {self.row[1]}"
+
+    @property
+    def setting(self) -> str:
+        settings = sorted({str(r.setting) for r in self.runs.values()})
+        return settings[0] if len(settings) == 1 else "mixed: " + " / ".join(settings)
+
+    @property
+    def backbone(self) -> str:
+        params = next((r.params for r in self.runs.values() if r.params), None)
+        return backbone_label(self.row[1], params)
 
 
 @dataclass
@@ -105,10 +143,10 @@ def markdown(report: GroupReport) -> str:
     out = [
         f"### {report.title}",
         "",
-        "| method | backbone | accuracy ± 95% CI | sd over replicates | replicates | "
+        "| method | backbone | setting | accuracy ± 95% CI | sd over replicates | replicates | "
         f"paired difference from the best ({best.row[0]}) [95% bootstrap] | p (Wilcoxon, Holm) | "
         "episodes paired |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for line in report.lines:
         p = vs_best.get(line.row)
@@ -122,10 +160,12 @@ def markdown(report: GroupReport) -> str:
             diff = f"{p.mean:+.2f} [{p.low:+.2f}, {p.high:+.2f}]{mark}"
             pval, n = p_text(p.p_holm), str(p.episodes)
         accuracy = f"**{line.mean:.2f}** ± {line.ci:.2f}"
-        out.append(f"| {line.row[0]} | {line.row[1]} | {accuracy} | {fmt(line.spread)} | "
-                   f"{len(line.runs)} ({reps}) | {diff} | {pval} | {n} |")  # fmt: skip
-    for name, acc in PUBLISHED.get(report.group, {}).items():
-        out.append(f"| {name} | | {acc:.1f} | | 5 splits | | | |")
+        spread = fmt(line.spread)
+        out.append(f"| {line.row[0]} | {line.backbone} | {line.setting} | {accuracy} | "
+                   f"{spread} | {len(line.runs)} ({reps}) | {diff} | {pval} | {n} |")  # fmt: skip
+    for pub in PUBLISHED.get(report.group, []):
+        out.append(f"| {pub.name}, {pub.source} | {pub.backbone} | {pub.setting} | "
+                   f"{pub.acc:.1f} | | 5 splits | | | |")  # fmt: skip
     extra = [c for c in report.comparisons if c.b is not best]
     if extra:
         out += ["", "| comparison | paired difference [95% bootstrap] | p (Holm) | episodes |",
@@ -143,6 +183,10 @@ def markdown(report: GroupReport) -> str:
 
 
 LEGEND = (
+    "Setting: inductive (each query classified from the support set alone) or transductive "
+    "(also from the other queries of its episode); whether class names are used (as support "
+    "examples, or scored by the method); extra data beyond the episodes' labelled examples. "
+    "Compare numbers only within one setting. "
     "Accuracy: mean over replicates (class splits / seeds, listed as split/seed) of each run's "
     "test accuracy, ± the mean of the runs' 95% intervals. Paired difference: the mean "
     "per-episode accuracy difference on identical test episodes (same eval seed and classes), "

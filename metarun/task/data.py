@@ -6,6 +6,8 @@ every run and every algorithm sees the same held-out classes.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,12 +34,44 @@ class TaskData:
     # class -> the id of its readable name in `texts` (task.names_as_examples; zero-shot reads
     # names through label_names); names are texts of the table, never of a class's pool
     name_ids: dict[str, int] = field(default_factory=dict)
+    fingerprint: str = ""  # of every (label, text) read, whatever the split: content_fingerprint
+
+    def split_fingerprint(self) -> str:
+        """The content and which classes each split kept: what a resumed run must find again."""
+        classes = {split: sorted(c) for split, c in sorted(self.splits.items())}
+        return _digest([self.fingerprint, classes])
 
     def summary(self) -> dict:
         return {
             split: {"classes": len(c), "texts": int(sum(len(v) for v in c.values()))}
             for split, c in self.splits.items()
-        } | {"dropped_classes": self.dropped, "rows": self.rows}
+        } | {"dropped_classes": self.dropped, "rows": self.rows, "fingerprint": self.fingerprint,
+             "split_fingerprint": self.split_fingerprint()}  # fmt: skip
+
+
+def _digest(obj: object) -> str:
+    return hashlib.sha256(json.dumps(obj, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def content_fingerprint(by_label: dict[str, list[str]]) -> str:
+    """A short hash of every (label, text) read, independent of order and of the class split:
+    two runs read the same data exactly when theirs agree, whatever the files were called
+    (metarun-report groups runs by it; resume refuses other data)."""
+    return _digest([[label, sorted(by_label[label])] for label in sorted(by_label)])
+
+
+def warn_case_only_labels(labels: list[str]) -> list[tuple[str, ...]]:
+    """Labels equal but for case ("Food" and "food") are two classes: say so, naming them."""
+    by_key: dict[str, list[str]] = {}
+    for label in labels:
+        by_key.setdefault(label.casefold(), []).append(label)
+    groups = [tuple(sorted(g)) for g in by_key.values() if len(g) > 1]
+    if groups:
+        shown = "; ".join(" / ".join(g) for g in groups[:5])
+        log.warning("%d groups of labels differ only in case and are separate classes: %s%s; "
+                    "if each group is one class, give its rows one spelling", len(groups), shown,
+                    "; ..." if len(groups) > 5 else "")  # fmt: skip
+    return groups
 
 
 def seeded_class_split(labels: list[str], fractions: list[float], seed: int) -> dict[str, list]:
@@ -111,6 +145,7 @@ def episode_label_names(
 
 def load_task(cfg: TaskConfig) -> TaskData:
     by_label, published, names, counts = _read(cfg)
+    warn_case_only_labels(list(by_label))
     split = published or seeded_class_split(list(by_label), list(cfg.class_split), cfg.split_seed)
     index: dict[str, int] = {}
     splits: dict[str, dict[str, np.ndarray]] = {}
@@ -137,7 +172,8 @@ def load_task(cfg: TaskConfig) -> TaskData:
     name_ids = {}
     if cfg.names_as_examples:  # the names join the text table only when asked
         name_ids = {lab: index.setdefault(name, len(index)) for lab, name in label_names.items()}
-    return TaskData(list(index), splits, label_names, dropped, counts, name_ids)
+    return TaskData(list(index), splits, label_names, dropped, counts, name_ids,
+                    content_fingerprint(by_label))  # fmt: skip
 
 
 def check_feasible(data: TaskData, cfg: TaskConfig, needed: tuple[str, ...]) -> None:
@@ -150,6 +186,13 @@ def check_feasible(data: TaskData, cfg: TaskConfig, needed: tuple[str, ...]) -> 
             continue
         found = f"the {name} split has only {have} classes with at least {need} texts " \
             "(task.shots + task.queries)"  # fmt: skip
+        if have == 0 and not data.dropped.get(name) and name != "test":
+            raise MetarunError(
+                f"the {name} split has no classes (an empty labels.{name}.txt?); "
+                "a run that trains needs train and valid classes: evaluate only "
+                "(train.steps=0 train.contrastive_steps=0, with init_from=<a "
+                "trained run> to test its weights)"
+            )
         if have >= 2:
             raise MetarunError(f"task.way={cfg.way} but {found}; lower task.way (<= {have}), "
                                "task.shots or task.queries")  # fmt: skip

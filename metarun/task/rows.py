@@ -141,26 +141,41 @@ def as_text(value: Any) -> str | None:
     return text or None
 
 
-def _check_columns(rows: list[Row], text_col: str, label_col: str, where: str) -> None:
+@dataclass(frozen=True)
+class ColumnKeys:
+    """How the user names the columns and the drop option in a message: a run's config keys,
+    or a command's flags (metarun-predict)."""
+
+    text: str = "task.text_column=<one of them>"
+    label: str = "task.label_column=<one of them>"
+    drop: str | None = "task.on_invalid_rows=drop"
+
+
+TASK_KEYS = ColumnKeys()
+
+
+def _check_columns(
+    rows: list[Row], text_col: str, label_col: str, where: str, keys: ColumnKeys
+) -> None:
     if not rows:
         raise MetarunError(f"{where} holds no rows; it needs a '{text_col}' and a '{label_col}' "
                            "field in every row")  # fmt: skip
     columns = sorted({key for _, row in rows for key in row if isinstance(key, str)})
-    for key, col in (("task.text_column", text_col), ("task.label_column", label_col)):
+    for key, col in ((keys.text, text_col), (keys.label, label_col)):
         if col not in columns:
             raise MetarunError(
-                f"{where} has no column '{col}' (columns: {', '.join(columns)}); "
-                f"set {key}=<one of them>"
+                f"{where} has no column '{col}' (columns: {', '.join(columns)}); set {key}"
             )
 
 
 def group_rows(
-    rows: list[Row], text_col: str, label_col: str, where: str, on_invalid: str = "error"
-) -> tuple[dict[str, list[str]], RowCounts]:
+    rows: list[Row], text_col: str, label_col: str, where: str, on_invalid: str = "error",
+    keys: ColumnKeys = TASK_KEYS,
+) -> tuple[dict[str, list[str]], RowCounts]:  # fmt: skip
     """{label: [texts]} and the counts of what was dropped, merged or found twice."""
     if on_invalid not in INVALID_ROWS:
         raise MetarunError(f"task.on_invalid_rows={on_invalid}; use error or drop")
-    _check_columns(rows, text_col, label_col, where)
+    _check_columns(rows, text_col, label_col, where, keys)
     counts = RowCounts(rows=len(rows))
     by_label: dict[str, list[str]] = defaultdict(list)
     labels_of: dict[str, set[str]] = defaultdict(set)
@@ -179,9 +194,8 @@ def group_rows(
         what = f"{len(invalid)} of {len(rows)} rows of {where} lack a text or a label"
         lines = f"line{'s' if len(invalid) > 1 else ''} {shown}"
         if on_invalid == "error":
-            raise MetarunError(
-                f"{what} ({lines}); fix them, or drop them with task.on_invalid_rows=drop"
-            )
+            drop = f", or drop them with {keys.drop}" if keys.drop else ""
+            raise MetarunError(f"{what} ({lines}); fix them{drop}")
         log.warning("%s: dropped (task.on_invalid_rows=drop; %s)", what, lines)
         counts.invalid_dropped = len(invalid)
     counts.multi_label_texts = sum(len(labels) > 1 for labels in labels_of.values())

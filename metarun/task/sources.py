@@ -80,7 +80,7 @@ def read_label_file(
         raise MetarunError(f"{f} is missing: a split folder needs labels.{name}.txt")
     labels = list(dict.fromkeys(line.strip() for _, line in read_lines(f, encoding)))
     labels = [lab for lab in labels if lab]
-    if not labels:
+    if not labels and name == "test":  # train / valid may be empty: evaluation-only data
         raise MetarunError(f"{f} is empty: it needs one class name per line")
     unknown = [lab for lab in labels if lab not in by_label]
     if unknown:

@@ -3,6 +3,8 @@ METARUN_TEST_FAULT: what a full disk or a read-only folder does to a real run.
 
 - enospc: flushing a file over 64 KiB to disk fails as on a full disk (checkpoints do; the
   small JSON files still fit, as they often do on a disk that has just filled up).
+- enospc-torch: torch.save fails as it does on a full disk: a RuntimeError whose cause is the
+  OSError (the writer is C++; the Python error reaches metarun only as the cause).
 - erofs: creating a folder whose path contains "readonly" fails as on a read-only mount.
 """
 
@@ -31,3 +33,16 @@ if FAULT == "erofs":
         return _mkdir(self, *args, **kwargs)
 
     pathlib.Path.mkdir = mkdir
+
+if FAULT == "enospc-torch":
+    import torch
+
+    _save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as err:
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0") from err
+
+    torch.save = save
