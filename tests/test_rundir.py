@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from metarun.errors import MetarunError
+from metarun.errors import MetarunError, RunInterrupted
+from metarun.interrupts import StopSignals
 from metarun.rundir import LOCK_FILE, FolderLock
 from tests.cli_helpers import FAST, metarun, read_jsonl, run_dirs
 from tests.conftest import synthetic_rows
@@ -167,8 +168,23 @@ def test_labels_that_differ_only_in_case_are_named(tmp_path):
     assert "1 groups of labels differ only in case and are separate classes: Food / food" in log
 
 
+def test_stop_signals_are_deferred_in_training_and_immediate_elsewhere():
+    stop = StopSignals()
+    with stop.installed():
+        with stop.deferred():
+            os.kill(os.getpid(), signal.SIGUSR1)  # the loop would see it after its step
+            assert stop.requested
+        err = stop.stopped(7, "runs/x")
+        assert err.exit_code == 138 and str(err).startswith("interrupted by SIGUSR1 after step 7")
+        with pytest.raises(RunInterrupted, match="interrupted by SIGTERM") as raised:
+            os.kill(os.getpid(), signal.SIGTERM)  # outside training: stops at once
+            time.sleep(1)
+        assert raised.value.exit_code == 143
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("signum", [signal.SIGTERM])  # SIGUSR1: the same handler, tested above
 def test_preemption_saves_and_the_rerun_resumes_exactly(tmp_path, synthetic_jsonl, signum):
     """A cluster's SIGTERM or SIGUSR1: the step ends, last.pt is saved, the summary says
     interrupted and the exit code is 128 + the signal; the same command then resumes, and

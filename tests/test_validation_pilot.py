@@ -51,3 +51,24 @@ def test_pilot_compares_every_head_on_validation_episodes(tmp_path):
     cells = {(r["shots"], r["names"], r["head"]) for r in rows}
     assert len(rows) == len(cells) == 2 * 2 * 5  # shots x names x heads, each once
     assert all(20 < r["val_acc"] <= 100 for r in rows)  # chance is 20% at 5-way
+
+
+@pytest.mark.parametrize("centre,with_prototypes", [(False, False), (True, False), (False, True)])
+def test_the_lever_heads_are_inductive_probabilities(tiny_encoder, synthetic_task, centre,
+                                                     with_prototypes):  # fmt: skip
+    """Each 5-shot lever classifies a query from the support set alone (its scores do not move
+    when other queries are added) and scores are log-probabilities."""
+    import torch
+
+    from metarun.task import fixed_episodes
+
+    pilot = load_pilot()
+    tiny_encoder.set_texts(synthetic_task.texts)
+    head = pilot.Lever(tiny_encoder, 3, 1.0, centre, with_prototypes).eval()
+    (ep,) = fixed_episodes(synthetic_task.splits["test"], 3, 2, 3, 1, 0, "test")
+    with torch.no_grad():
+        predict = head.adapt(ep.support, 3)
+        together = predict(ep.query)
+        alone = predict(type(ep.query)(ep.query.ids[:1], ep.query.labels[:1], ep.query.classes))
+    assert torch.allclose(together[:1], alone, atol=1e-5)
+    assert torch.allclose(together.exp().sum(-1), torch.ones(len(together)), atol=1e-4)
