@@ -91,3 +91,18 @@ def synthetic_task(compose_cfg, synthetic_jsonl):
         "task=local", f"task.path={synthetic_jsonl}", "task.class_split=[0.5,0.25,0.25]"
     )
     return load_task(OmegaConf.to_object(cfg).task)
+
+
+def dropout_free(compose_cfg, task, *overrides: str):
+    """(composed config, tiny BERT without dropout over `task`'s texts), seeded: the same
+    initial weights on every call, so two builds compute the same function."""
+    from metarun.backbone import load_backbone
+
+    cfg = compose_cfg("backbone=tiny", *overrides)
+    backbone = OmegaConf.to_object(cfg).backbone
+    backbone.arch = {**backbone.arch, "hidden_dropout_prob": 0.0,
+                     "attention_probs_dropout_prob": 0.0}  # fmt: skip
+    torch.manual_seed(0)
+    encoder = load_backbone(backbone)
+    encoder.set_texts(task.texts)
+    return cfg, encoder

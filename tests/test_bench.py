@@ -9,27 +9,19 @@ import sys
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from benchmarks.reference_higher import EncoderClassifier, ReferenceMAML
 from metarun.algo import build_algorithm
-from metarun.backbone import load_backbone
 from metarun.report.blocks import replace_block
 from metarun.task import fixed_episodes
-from tests.conftest import REPO
+from tests.conftest import REPO, dropout_free
 
 
 def test_reference_higher_loop_computes_metaruns_second_order_maml(compose_cfg, synthetic_task):
     """Same episode, same initial weights: the same query loss and the same meta-gradient, so
     bench.py's ratios compare implementations of one computation."""
-    cfg = compose_cfg("backbone=tiny", "algo=maml", "algo.head_init=learned",
-                      "algo.inner_steps=2", "algo.inner_lr=0.25")  # fmt: skip
-    backbone = OmegaConf.to_object(cfg).backbone
-    backbone.arch = {**backbone.arch, "hidden_dropout_prob": 0.0,
-                     "attention_probs_dropout_prob": 0.0}  # fmt: skip
-    torch.manual_seed(0)
-    encoder = load_backbone(backbone)
-    encoder.set_texts(synthetic_task.texts)
+    cfg, encoder = dropout_free(compose_cfg, synthetic_task, "algo=maml", "algo.head_init=learned",
+                                "algo.inner_steps=2", "algo.inner_lr=0.25")  # fmt: skip
     algo = build_algorithm(cfg.algo, encoder, 3).double().train()
     (ep,) = fixed_episodes(synthetic_task.splits["train"], 3, 2, 3, 1, 0, "train")
     loss, _ = algo.meta_loss([ep])

@@ -16,13 +16,12 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 
 from metarun.algo import build_algorithm
-from metarun.backbone import load_backbone
 from metarun.evaluate import evaluate
 from metarun.task import fixed_episodes
 
+from .conftest import dropout_free
 from .grad_helpers import meta_grads
 
 DEVICE = torch.device(os.environ.get("METARUN_CUDA_TESTS_DEVICE", "cuda"))
@@ -48,13 +47,7 @@ def make(compose_cfg, synthetic_task):
     """make(*algo overrides) -> a fresh dropout-free algorithm on the CPU, same initial weights."""
 
     def _make(*overrides: str):
-        cfg = compose_cfg("backbone=tiny", *overrides)
-        backbone = OmegaConf.to_object(cfg).backbone
-        backbone.arch = {**backbone.arch, "hidden_dropout_prob": 0.0,
-                         "attention_probs_dropout_prob": 0.0}  # fmt: skip
-        torch.manual_seed(0)
-        encoder = load_backbone(backbone)
-        encoder.set_texts(synthetic_task.texts)
+        cfg, encoder = dropout_free(compose_cfg, synthetic_task, *overrides)
         algo = build_algorithm(cfg.algo, encoder, 3)
         algo.prepare(synthetic_task)
         return algo.train()

@@ -80,7 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-plots", action="store_true", help="the tables only")
     parser.add_argument("--wandb", action="store_true", help="log tables and plots to W&B")
     parser.add_argument("--update", type=Path, metavar="FILE",
-                        help=f"also rewrite the {BLOCK} block of FILE")  # fmt: skip
+                        help="also rewrite a generated block of FILE (--block)")  # fmt: skip
+    parser.add_argument("--block", default=BLOCK,
+                        help=f"the block --update rewrites (default: {BLOCK}); a page can hold "
+                             "several reports, each between its own markers")  # fmt: skip
     args = parser.parse_args(argv)
     missing = [str(f) for f in args.folders if not f.is_dir()]
     if missing:
@@ -104,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         "# metarun report\n\n" + text + "\n\n" + "".join(f"![{p.stem}]({p.name})\n" for p in images)
     )
     if args.update is not None:
-        replace_block(args.update, BLOCK, text)
+        replace_block(args.update, args.block, text)
     if args.wandb:
         log_to_wandb(reports, text, images)
     print(text)
