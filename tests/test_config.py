@@ -171,3 +171,15 @@ def test_recommended_recipe_sets_algorithm_and_training_never_the_data_or_shape(
     assert typed.train.contrastive_steps > 0 and typed.task.names_as_examples
     both = compose_cfg("+experiment=[protaugment,recommended]", f"task={task}")
     assert both.task.test_episodes == 600 and both.algo.transductive_steps > 0
+
+
+@pytest.mark.parametrize("task", ["banking77", "clinc150", "icd10", "local"])
+def test_the_inductive_recipe_differs_only_in_its_head(compose_cfg, task):
+    """`+experiment=recommended_inductive`: the same names and contrastive stage, a logistic
+    regression per support set instead of prototypes refined by the queries."""
+    composed = compose_cfg("+experiment=recommended_inductive", f"task={task}")
+    check_config(composed)
+    inductive = OmegaConf.to_object(composed)
+    transductive = OmegaConf.to_object(compose_cfg("+experiment=recommended", f"task={task}"))
+    assert inductive.algo.transductive_steps == 0 and inductive.algo.eval_head == "logreg"
+    assert inductive.task == transductive.task and inductive.train == transductive.train
