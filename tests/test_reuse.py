@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from metarun.errors import MetarunError
+from metarun.predict import predict
 from metarun.reuse import load_trained
 from tests.cli_helpers import FAST, metarun, run_dirs
 from tests.conftest import TOPICS, synthetic_rows
@@ -184,16 +185,11 @@ def test_predict_is_inductive_unless_asked(tmp_path, trained):
     (tmp_path / "all.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
     (tmp_path / "one.jsonl").write_text(json.dumps({"text": texts[0]}) + "\n")
 
-    def probs(queries: str, *flags: str) -> dict:
-        out = tmp_path / f"{queries}{len(flags)}.jsonl"
-        proc = predict_cli(str(run), "--support", str(support), "--queries",
-                           str(tmp_path / queries), "--out", str(out), *flags,
-                           cwd=tmp_path)  # fmt: skip
-        assert proc.returncode == 0, proc.stderr
-        first = json.loads(out.read_text().splitlines()[0])
+    def probs(queries: str, transductive: bool = False) -> dict:
+        (first, *_) = predict(run, support, tmp_path / queries, transductive=transductive)
         return {k: v for k, v in first.items() if k.startswith("prob_")}
 
     alone, batched = probs("one.jsonl"), probs("all.jsonl")
     assert all(abs(alone[k] - batched[k]) < 1e-4 for k in alone)
-    moved = probs("all.jsonl", "--transductive")
+    moved = probs("all.jsonl", transductive=True)
     assert any(abs(moved[k] - alone[k]) > 1e-3 for k in alone)
