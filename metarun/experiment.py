@@ -186,8 +186,8 @@ def check_before_loading(
     single command writes nothing, so the corrected command can use the same run_dir."""
     try:
         check_config(cfg)
-        target = cfg.algo.get("_target_")
-        algorithm_kwargs(cfg.algo, algorithm_class(target, list(cfg.get("algo_modules") or [])))
+        cls = algorithm_class(cfg.algo.get("_target_"), cfg.get("algo_modules"))
+        algorithm_kwargs(cfg.algo, cls)
     except MetarunError as err:
         main = os.environ.get("RANK", "0") == "0"
         if group is not None and main and not run_files(run_dir):

@@ -32,6 +32,7 @@ class StopSignals:
     def __init__(self) -> None:
         self.signum: int | None = None
         self.deferring = False
+        self.active = False  # handlers installed (by `installed`)
 
     @property
     def requested(self) -> bool:
@@ -58,20 +59,27 @@ class StopSignals:
             yield self
             return
         previous = {s: signal.signal(s, self._handle) for s in NAMES}
+        self.active = True
         try:
             yield self
         finally:
+            self.active = False
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
     @contextlib.contextmanager
     def deferred(self) -> Iterator[None]:
-        """Inside the block a first signal is only recorded: the loop polls `requested`."""
-        self.deferring = True
-        try:
-            yield
-        finally:
-            self.deferring = False
+        """Inside the block a first signal is only recorded: the loop polls `requested`. A
+        training loop used outside a run (a Trainer driven directly) installs the handlers
+        for its own length, so Ctrl-C still saves after the step."""
+        with contextlib.ExitStack() as stack:
+            if not self.active:
+                stack.enter_context(self.installed())
+            self.deferring = True
+            try:
+                yield
+            finally:
+                self.deferring = False
 
     def stopped(self, step: int, resume_dir: object) -> RunInterrupted:
         """The error that ends a run the loop stopped after `step`, saying how to resume."""

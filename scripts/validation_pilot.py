@@ -73,13 +73,16 @@ class Lever(Algorithm):
         self.c, self.centre, self.with_prototypes = c, centre, with_prototypes
 
     def features(self, ids: torch.Tensor, centre: torch.Tensor | None) -> torch.Tensor:
-        x = F.normalize(upcast(self.encoder(ids)), dim=-1)
+        return self.recentred(F.normalize(upcast(self.encoder(ids)), dim=-1), centre)
+
+    @staticmethod
+    def recentred(x: torch.Tensor, centre: torch.Tensor | None) -> torch.Tensor:
         return x if centre is None else F.normalize(x - centre, dim=-1)
 
     def adapt(self, support: Examples, way: int) -> Predictor:
-        raw = F.normalize(upcast(self.encoder(support.ids)), dim=-1)
+        raw = F.normalize(upcast(self.encoder(support.ids)), dim=-1)  # encoded once
         centre = raw.mean(0) if self.centre else None
-        s = self.features(support.ids, centre)
+        s = self.recentred(raw, centre)
         labels = support.labels.to(s.device)
         weight, bias = fit_logistic(s, labels, way, self.c, 100)
         protos = prototypes(s, labels, way)

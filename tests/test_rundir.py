@@ -181,6 +181,10 @@ def test_stop_signals_are_deferred_in_training_and_immediate_elsewhere():
             time.sleep(1)
         assert raised.value.exit_code == 143
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
+    with stop.deferred():  # a training loop driven outside a run installs them itself
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert stop.requested
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
 
 
 @pytest.mark.slow
