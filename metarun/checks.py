@@ -117,6 +117,39 @@ def check_keys(node: DictConfig, prefix: str = "") -> None:
             check_keys(child, path + ".")
 
 
+def check_choices(node: DictConfig, prefix: str = "") -> None:
+    """Every option with a fixed set of values (`config.choice`) holds one of them."""
+    cls = OmegaConf.get_type(node)
+    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
+        return
+    for spec in dataclasses.fields(cls):
+        if spec.name not in node:
+            continue
+        child = node._get_node(spec.name)
+        allowed = spec.metadata.get(schemas.CHOICES)
+        if allowed and not child._is_missing() and node[spec.name] not in allowed:
+            key = f"{prefix}{spec.name}"
+            raise MetarunError(f"{key}={node[spec.name]}; use one of {', '.join(allowed)}")
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            check_choices(child, f"{prefix}{spec.name}.")
+
+
+def check_pooling(cfg: DictConfig) -> None:
+    """A decoder's first token sees only itself, and an encoder's last real token is [SEP]:
+    each pooling fits one family."""
+    pooling, decoder = _value(cfg, "backbone.pooling"), _value(cfg, "backbone.causal_lm")
+    if decoder and pooling == "cls":
+        raise MetarunError(
+            "backbone.pooling=cls reads a decoder's first token, which sees only itself; "
+            "use backbone.pooling=last or mean for a decoder"
+        )
+    if decoder is False and pooling == "last":
+        raise MetarunError(
+            "backbone.pooling=last is for decoders (the token that has read the whole text); "
+            "use backbone.pooling=mean or cls for an encoder"
+        )
+
+
 def _value(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
 
@@ -134,6 +167,9 @@ def check_values(cfg: DictConfig) -> None:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Refuse unknown keys and out-of-range values before any data or model loads."""
+    """Refuse unknown keys, values outside their choices or ranges, and combinations that
+    cannot work, before any data or model loads."""
     check_keys(cfg)
+    check_choices(cfg)
     check_values(cfg)
+    check_pooling(cfg)

@@ -15,6 +15,14 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+CHOICES = "choices"  # a field's metadata key: the values it allows (checked in checks.py)
+
+
+def choice(default: str, *others: str) -> Any:
+    """A string option with a fixed set of values, the first its default: the allowed values
+    live beside the default, and `checks.check_choices` refuses others before anything loads."""
+    return field(default=default, metadata={CHOICES: (default, *others)})
+
 
 @dataclass
 class BackboneConfig:
@@ -26,13 +34,13 @@ class BackboneConfig:
     tokenizer: str | None = None  # defaults to `path`; set when weights have no tokenizer
     random_init: bool = False  # build the architecture from `arch` with random weights
     arch: dict[str, Any] = field(default_factory=dict)  # config overrides when random_init
-    pooling: str = "mean"  # mean | cls (encoders) | last (decoders: the last real token)
+    pooling: str = choice("mean", "cls", "last")  # cls: encoders; last: decoders
     max_length: int = 64
-    dtype: str = "float32"  # float32 | bfloat16 (weights)
-    trainable: str = "all"  # all | none | top_k
+    dtype: str = choice("float32", "bfloat16")  # of the weights
+    trainable: str = choice("all", "none", "top_k")
     top_k: int = 2  # with trainable=top_k: the last k layers (and the pooler) train
     gradient_checkpointing: bool = False
-    packing: str = "auto"  # texts share rows without padding: auto (where it pays) | always | never
+    packing: str = choice("auto", "always", "never")  # texts share rows unpadded (auto: if it pays)
     length_buckets: int = 0  # unpacked: texts forward in N groups of similar length; 0: auto
     causal_lm: bool = False  # a decoder with its LM head (prompts, pooled features), not an encoder
     # The linear layers LoRA adapts (algo.adapt=lora, hypernet.generate_lora): the architecture's
@@ -44,7 +52,7 @@ class BackboneConfig:
 class TaskConfig:
     """Where labelled texts come from, how classes split, and the N-way K-shot episode shape."""
 
-    source: str = "auto"  # auto (data_dir / path) | icd10 (built-in, offline)
+    source: str = choice("auto", "icd10")  # auto: data_dir / path; icd10: built in
     data_dir: str | None = None  # folder with full.jsonl + splits/NN/labels.{train,valid,test}.txt
     split: str = "01"  # which published class split under data_dir/splits/
     path: str | None = None  # jsonl / csv / parquet file, split-format folder, or HF dataset id
@@ -52,7 +60,7 @@ class TaskConfig:
     text_column: str = "text"
     label_column: str = "label"
     encoding: str = "utf-8"  # of the data files (a UTF-8 byte-order mark is accepted)
-    on_invalid_rows: str = "error"  # rows missing a text or label: error | drop (counted)
+    on_invalid_rows: str = choice("error", "drop")  # rows missing a text or label (drop: counted)
     class_split: list[float] = field(default_factory=lambda: [0.6, 0.2, 0.2])  # train/val/test
     split_seed: int = 0  # fixes the class split when none is published; never the run seed
     way: int = 5
@@ -69,7 +77,7 @@ class TaskConfig:
 @dataclass
 class HardwareConfig:
     device: str = "cpu"  # cpu | cuda | cuda:N (with distributed: cuda means this rank's GPU)
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    precision: str = choice("fp32", "bf16")  # bf16: autocast
     tf32: bool = False
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
     distributed: bool = False  # data-parallel over torchrun's processes (nccl on CUDA, gloo on CPU)
@@ -80,7 +88,7 @@ class LoggerConfig:
     wandb: bool = False
     project: str = "metarun"
     entity: str | None = None
-    mode: str = "online"  # online | offline | disabled; WANDB_MODE in the environment wins
+    mode: str = choice("online", "offline", "disabled")  # WANDB_MODE in the environment wins
     group: str | None = None  # defaults to the multirun's sweep folder name
     tags: list[str] = field(default_factory=list)
     progress: bool = True  # tqdm progress bar with live loss / accuracy
@@ -91,7 +99,7 @@ class TrainConfig:
     steps: int = 60  # outer steps; 0 evaluates the untrained backbone
     meta_batch_size: int = 2  # episodes per outer step
     episodes_per_backward: int = 1  # meta-batch chunk per backward pass (memory vs speed)
-    optimizer: str = "adamw"  # adamw | sgd (classic Reptile: sgd with lr = the step fraction)
+    optimizer: str = choice("adamw", "sgd")  # classic Reptile: sgd, lr = step fraction
     lr: float = 2e-5
     weight_decay: float = 0.01
     warmup_steps: int = 0
@@ -116,13 +124,13 @@ class TrainConfig:
 @dataclass
 class ProtoNetConfig:
     _target_: str = "metarun.algo.protonet.ProtoNet"
-    metric: str = "euclidean"  # euclidean | cosine
+    metric: str = choice("euclidean", "cosine")
     temperature: float = 1.0  # logits are scaled by 1 / temperature
     learn_temperature: bool = False
     # How evaluation (validation and test) classifies: prototypes, or logreg (a logistic
     # regression fitted on each support set's unit-length embeddings, as algo=frozen does); meta-
     # training always uses prototypes, the differentiable head
-    eval_head: str = "prototypes"
+    eval_head: str = choice("prototypes", "logreg")
     c: float = 1.0  # with eval_head=logreg: inverse L2 strength, as scikit-learn's C
     # Transductive evaluation: the episode's queries refine the prototypes in N soft k-means
     # steps (features centred on the episode's mean); 0: each query is classified on its own
@@ -138,7 +146,7 @@ class PromptFields:
     instruction: str = "Classify each text as one of: {labels}.\n\n"
     template: str = "Text: {text}\nLabel: {label}"  # one demonstration; the text to classify
     separator: str = "\n\n"  # between demonstrations
-    score: str = "sum"  # sum | mean: a label's log-probability over its tokens
+    score: str = choice("sum", "mean")  # a label's log-probability over its tokens
 
 
 @dataclass
@@ -147,18 +155,18 @@ class InnerLoopFields(PromptFields):
 
     # linear: a head over pooled features | verbalizer (decoders): log-probabilities of the
     # label names after the prompt, so the decoder's own LM head classifies
-    head: str = "linear"
+    head: str = choice("linear", "verbalizer")
     # Which weights the inner loop adapts: all | head | top_k | bias | lora; auto: lora with the
     # verbalizer head, all with the linear head
-    adapt: str = "auto"
+    adapt: str = choice("auto", "all", "head", "top_k", "bias", "lora")
     top_k: int = 2  # with adapt=top_k: the last k transformer layers (and the head)
     inner_steps: int = 5
     eval_inner_steps: int = 10
     # None: 0.1 when LoRA adapts (B starts at zero, its gradients are small), else 1e-3 (the
     # weights of a pretrained model); see algo/adapted.py's `inner_rate`
     inner_lr: float | None = None
-    head_init: str = "proto"  # zeros | proto (Proto-MAML) | learned (meta-learned init)
-    inner_optimizer: str = "sgd"  # sgd | adam
+    head_init: str = choice("proto", "zeros", "learned")  # proto: Proto-MAML; learned: meta-learned
+    inner_optimizer: str = choice("sgd", "adam")
     lora_r: int = 8  # with adapt=lora: LoRA rank and scale (targets: backbone.lora_targets)
     lora_alpha: int = 16
 
@@ -172,7 +180,7 @@ class MAMLConfig(InnerLoopFields):
     # (the memory of one step instead of inner_steps, for one more forward and backward a step)
     checkpoint_inner_steps: bool = False
     reuse_features: bool = True  # head-only: encode each task once, not once per inner step
-    backend: str = "func"  # func (torch.func) | higher (the `higher` package, a cross-check)
+    backend: str = choice("func", "higher")  # higher: the `higher` package (a cross-check)
 
 
 @dataclass
@@ -191,7 +199,7 @@ class FreshModuleFields:
 class RelationNetConfig(FreshModuleFields):
     _target_: str = "metarun.algo.metric.RelationNet"
     hidden: int = 256  # width of the relation module
-    loss: str = "mse"  # mse (the paper: scores regress onto one-hot) | ce (scores as logits)
+    loss: str = choice("mse", "ce")  # mse: onto one-hot (the paper); ce: as logits
 
 
 @dataclass
@@ -224,16 +232,16 @@ class FineTuneConfig(FreshModuleFields, PromptFields):
     _target_: str = "metarun.algo.baselines.FineTune"
     # linear: a classifier over all meta-train classes, then a fresh head per test episode |
     # verbalizer (decoders): prompt-based training on the episodes' label names, then adaptation
-    head: str = "linear"
+    head: str = choice("linear", "verbalizer")
     # What each test episode fits: head | top_k | bias | all | lora; auto: lora with the
     # verbalizer head, head with the linear one
-    adapt: str = "auto"
+    adapt: str = choice("auto", "head", "top_k", "bias", "all", "lora")
     top_k: int = 1
     lora_r: int = 8  # with adapt=lora
     lora_alpha: int = 16
     eval_steps: int = 50  # gradient steps on each episode's support set
     eval_lr: float | None = None  # None: 0.1 when LoRA adapts, else 0.5 (a zero head)
-    inner_optimizer: str = "sgd"  # sgd | adam (the all-class classifier trains at head_lr)
+    inner_optimizer: str = choice("sgd", "adam")  # (the all-class classifier trains at head_lr)
 
 
 @dataclass
@@ -259,7 +267,7 @@ class ICLConfig(PromptFields):
     batch_size: int = 32  # queries that share one copy of the demonstrations in a forward
     shared_prefix: bool = True  # false: each (query, label) sequence scored alone (a reference)
     train_lm: bool = False  # MetaICL: meta-train the decoder on prompts
-    loss: str = "lm"  # lm (MetaICL: NLL of the correct label's tokens) | ce (over all labels)
+    loss: str = choice("lm", "ce")  # lm: NLL of the right label's tokens; ce: all labels
 
 
 @dataclass
@@ -274,7 +282,7 @@ class MetarunConfig:
     run_dir: str | None = None  # defaults to Hydra's output folder
     # A run_dir holding another run: auto resumes its last.pt, and refuses a folder with a
     # finished or broken run's files; overwrite deletes them and starts afresh
-    run_dir_mode: str = "auto"
+    run_dir_mode: str = choice("auto", "overwrite")
     # A finished run folder whose trained weights this run starts from (same backbone and
     # algorithm): with train.steps=0 it evaluates them on this task, e.g. another dataset
     init_from: str | None = None

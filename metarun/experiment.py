@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from metarun.algo import Algorithm, algorithm_class, algorithm_kwargs, build_algorithm
+from metarun.algo import Algorithm, algorithm_class, algorithm_config, build_algorithm
 from metarun.backbone import Encoder, load_backbone
 from metarun.checks import check_config
 from metarun.config import HardwareConfig, MetarunConfig, TrainConfig
@@ -187,7 +187,7 @@ def check_before_loading(
     try:
         check_config(cfg)
         cls = algorithm_class(cfg.algo.get("_target_"), cfg.get("algo_modules"))
-        algorithm_kwargs(cfg.algo, cls)
+        algorithm_config(cfg.algo, cls)
     except MetarunError as err:
         main = os.environ.get("RANK", "0") == "0"
         if group is not None and main and not run_files(run_dir):
@@ -355,7 +355,7 @@ def build_model(
     encoder.set_texts(data.texts)
     summary["backbone_params"] = sum(p.numel() for p in encoder.model.parameters())
     summary["truncated_texts"] = check_truncation(encoder, typed.backbone.max_length)
-    algo = build_algorithm(cfg.algo, encoder, typed.task.way, typed.algo_modules)
+    algo = build_algorithm(typed.algo, encoder, typed.task.way, typed.algo_modules)
     algo.prepare(data)
     if typed.init_from:
         source = Path(typed.init_from)

@@ -172,7 +172,7 @@ def predict(run: Path, support: Path, queries: Path, text_col: str | None = None
     data = TaskData(
         texts, {"train": ids, "valid": {}, "test": ids}, {c: readable(c) for c in classes}
     )
-    algo = build_algorithm(merged.algo, encoder, len(classes), typed.algo_modules)
+    algo = build_algorithm(typed.algo, encoder, len(classes), typed.algo_modules)
     algo.prepare(data)
     if (run / "checkpoint.pt").is_file():
         load_trained(algo, run, "RUN")

@@ -26,7 +26,13 @@ from metarun.algo.baselines import FrozenLogReg
 from metarun.algo.logreg import fit_logistic
 from metarun.algo.protonet import ProtoNet, metric_logits, prototypes
 from metarun.backbone import load_backbone
-from metarun.config import BackboneConfig, TaskConfig, package_model_path
+from metarun.config import (
+    BackboneConfig,
+    FrozenConfig,
+    ProtoNetConfig,
+    TaskConfig,
+    package_model_path,
+)
 from metarun.evaluate import evaluate
 from metarun.task import Examples, TaskData, fixed_episodes, load_task
 
@@ -46,12 +52,16 @@ def heads(encoder) -> dict[str, torch.nn.Module]:
     per-evaluation feature cache is off: `main` holds one cache of the validation texts for all
     of them (an inner cache would replace it, then clear it on exit)."""
     algos = {
-        "prototypes, euclidean": ProtoNet(encoder, WAY, "euclidean", 1.0, False),
-        "prototypes, cosine": ProtoNet(encoder, WAY, "cosine", 0.1, False),
-        "logistic regression": FrozenLogReg(encoder, WAY, 1.0, 100, True),
+        "prototypes, euclidean": ProtoNet(
+            encoder, WAY, ProtoNetConfig(metric="euclidean", temperature=1.0)
+        ),
+        "prototypes, cosine": ProtoNet(
+            encoder, WAY, ProtoNetConfig(metric="cosine", temperature=0.1)
+        ),
+        "logistic regression": FrozenLogReg(encoder, WAY, FrozenConfig(c=1.0)),
         **{
             f"transductive, {k} steps": ProtoNet(
-                encoder, WAY, "cosine", 0.1, False, transductive_steps=k
+                encoder, WAY, ProtoNetConfig(metric="cosine", temperature=0.1, transductive_steps=k)
             )
             for k in (1, 3)
         },
@@ -100,12 +110,13 @@ class Lever(Algorithm):
 
 def lever_heads(encoder) -> dict[str, torch.nn.Module]:
     algos = {
-        "logistic regression": FrozenLogReg(encoder, WAY, 1.0, 100, True),
+        "logistic regression": FrozenLogReg(encoder, WAY, FrozenConfig(c=1.0)),
         **{f"logistic regression, C={c}": Lever(encoder, WAY, c, False, False) for c in (3, 10)},
         "logistic regression, support-centred": Lever(encoder, WAY, 1.0, True, False),
         "logistic regression + cosine prototypes": Lever(encoder, WAY, 1.0, False, True),
-        "transductive, 3 steps": ProtoNet(encoder, WAY, "cosine", 0.1, False,
-                                          transductive_steps=3),
+        "transductive, 3 steps": ProtoNet(
+            encoder, WAY, ProtoNetConfig(metric="cosine", temperature=0.1, transductive_steps=3)
+        ),
     }  # fmt: skip
     for algo in algos.values():
         algo.feature_cache = False

@@ -142,7 +142,7 @@ def test_frozen_baseline_trains_nothing_and_solves_each_regression(make, held_ou
 
 def test_finetune_classifies_all_meta_train_classes_and_fits_fresh_heads(make, synthetic_task):
     algo = make("finetune", "algo.eval_steps=0")
-    assert algo.classifier.out_features == len(synthetic_task.splits["train"])
+    assert algo.objective.classifier.out_features == len(synthetic_task.splits["train"])
     ep = fixed_episodes(synthetic_task.splits["test"], 3, 2, 3, 1, 0, "test")[0]
     with torch.no_grad():  # no fitting steps: a zero head, every class equally likely
         assert torch.all(algo.eval().adapt(ep.support, 3)(ep.query) == 0)

@@ -27,12 +27,12 @@ def test_reference_higher_loop_computes_metaruns_second_order_maml(compose_cfg, 
     loss, _ = algo.meta_loss([ep])
     loss.backward()
     ours = {n: p.grad.clone() for n, p in encoder.model.named_parameters() if p.grad is not None}
-    ours["head.weight"] = algo.inner.head_weight.grad.clone()
+    ours["head.weight"] = algo.inner.head.weight.grad.clone()
     algo.zero_grad(set_to_none=True)
 
     head = torch.nn.Linear(encoder.dim, 3).double()
     with torch.no_grad():
-        head.weight.copy_(algo.inner.head_weight)
+        head.weight.copy_(algo.inner.head.weight)
         head.bias.copy_(algo.inner.head_bias)
     ref = ReferenceMAML(EncoderClassifier(encoder.model, head), encoder.tokenizer,
                         encoder.max_length, 2, 0.25, 1e-3, 0.0)  # fmt: skip

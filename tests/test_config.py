@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from pathlib import Path
 
@@ -12,7 +11,7 @@ from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from metarun import config as schema
-from metarun.algo import algorithm_class, algorithm_kwargs
+from metarun.algo import algorithm_class, algorithm_config
 from metarun.checks import check_config
 from metarun.errors import MetarunError
 
@@ -44,7 +43,7 @@ def test_every_option_composes_to_its_typed_schema(compose_cfg, group, option):
     assert isinstance(typed, schema.MetarunConfig)
     check_config(cfg)  # every shipped option is within the ranges a run accepts
     cls = algorithm_class(cfg.algo._target_)
-    assert set(algorithm_kwargs(cfg.algo, cls)) <= set(inspect.signature(cls).parameters)
+    assert isinstance(algorithm_config(cfg.algo, cls), cls.config)  # the options it is built with
     node = getattr(typed, group)
     if group == "algo":
         assert type(node) is schema.ALGO_SCHEMAS[option]
@@ -64,11 +63,21 @@ def test_yaml_sets_no_value_equal_to_its_schema_default(group, option):
 
 
 @pytest.mark.parametrize("option", sorted(schema.ALGO_SCHEMAS))
-def test_algo_schema_matches_constructor_signature(option):
+def test_each_algorithm_is_built_from_the_schema_its_option_composes_to(option):
     node = schema.ALGO_SCHEMAS[option]()
-    params = inspect.signature(get_class(node._target_)).parameters
-    fields = {f.name for f in dataclasses.fields(node)} - {"_target_"}
-    assert set(params) - {"encoder", "way"} == fields
+    cls = get_class(node._target_)
+    assert cls.config is type(node)
+    assert list(inspect.signature(cls).parameters) == ["encoder", "way", "cfg"]
+
+
+def test_a_key_the_schema_lacks_is_one_error_naming_the_nearest_option():
+    cls = get_class(schema.MAMLConfig._target_)
+    with pytest.raises(
+        MetarunError,
+        match=r"algo.inner_stepz is not an option of MAML; did you mean algo.inner_steps\?",
+    ):
+        algorithm_config({"inner_stepz": 3}, cls)
+    assert algorithm_config({"inner_steps": 3}, cls).inner_steps == 3
 
 
 def test_keys_added_with_plus_and_values_out_of_range_are_refused(compose_cfg):

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from metarun.algo.baselines import FrozenLogReg
 from metarun.algo.protonet import ProtoNet
 from metarun.backbone import load_backbone
-from metarun.config import TrainConfig
+from metarun.config import FrozenConfig, ProtoNetConfig, TrainConfig
 from metarun.contrastive import ClassBatchSampler, ContrastiveStage, supcon_loss
 from metarun.errors import MetarunError
 from metarun.logger import JsonlSink, Logger
@@ -92,7 +92,7 @@ def _trainer(algo, task, tmp_path, pre: int, **train) -> Trainer:
 
 def test_contrastive_steps_come_first_then_episodic_steps(tiny_encoder, synthetic_task, tmp_path):
     tiny_encoder.set_texts(synthetic_task.texts)
-    algo = ProtoNet(tiny_encoder, 3, "cosine", 0.1, False)
+    algo = ProtoNet(tiny_encoder, 3, ProtoNetConfig(metric="cosine", temperature=0.1))
     trainer = _trainer(algo, synthetic_task, tmp_path, pre=3, val_at_start=True)
     fit = trainer.fit()
     trainer.logger.close()
@@ -106,7 +106,7 @@ def test_contrastive_steps_come_first_then_episodic_steps(tiny_encoder, syntheti
 def test_contrastive_steps_lower_the_contrastive_loss(tiny_encoder, synthetic_task, tmp_path):
     tiny_encoder.set_texts(synthetic_task.texts)
     tiny_encoder.eval()  # no dropout: the same batch scores the same before and after
-    algo = ProtoNet(tiny_encoder, 3, "cosine", 0.1, False)
+    algo = ProtoNet(tiny_encoder, 3, ProtoNetConfig(metric="cosine", temperature=0.1))
     batch = ClassBatchSampler(synthetic_task.splits["train"], 6, 4, seed=5).sample()
     with torch.no_grad():
         before = supcon_loss(tiny_encoder(batch.ids), batch.labels, 0.1)
@@ -122,7 +122,7 @@ def _fresh(compose_cfg, task):
     torch.manual_seed(0)
     encoder = load_backbone(OmegaConf.to_object(compose_cfg("backbone=tiny")).backbone)
     encoder.set_texts(task.texts)
-    return ProtoNet(encoder, 3, "cosine", 0.1, False)
+    return ProtoNet(encoder, 3, ProtoNetConfig(metric="cosine", temperature=0.1))
 
 
 def test_a_run_resumed_inside_the_contrastive_stage_ends_as_an_unbroken_one(
@@ -150,7 +150,7 @@ def test_a_run_resumed_inside_the_contrastive_stage_ends_as_an_unbroken_one(
 
 
 def test_a_frozen_encoder_refuses_contrastive_steps(tiny_encoder, synthetic_task, tmp_path):
-    algo = FrozenLogReg(tiny_encoder, 3, 1.0, 50, True)
+    algo = FrozenLogReg(tiny_encoder, 3, FrozenConfig(max_iter=50))
     with pytest.raises(MetarunError, match=r"train\.contrastive_steps=3 trains the encoder"):
         _trainer(algo, synthetic_task, tmp_path, pre=3)
 
@@ -159,14 +159,16 @@ def test_logreg_head_evaluates_as_frozen_logreg_and_trains_with_prototypes(
     tiny_encoder, synthetic_task
 ):
     tiny_encoder.set_texts(synthetic_task.texts)
-    proto = ProtoNet(tiny_encoder, 3, "cosine", 0.1, False, eval_head="logreg", c=1.0)
-    frozen = FrozenLogReg(tiny_encoder, 3, 1.0, 100, True)
+    proto = ProtoNet(
+        tiny_encoder, 3, ProtoNetConfig(metric="cosine", temperature=0.1, eval_head="logreg", c=1.0)
+    )
+    frozen = FrozenLogReg(tiny_encoder, 3, FrozenConfig())
     ep = fixed_episodes(synthetic_task.splits["test"], 3, 2, 3, 1, 0, "test")[0]
     proto.eval()
     with torch.no_grad():
         got = proto.adapt(ep.support, 3)(ep.query)
         assert torch.allclose(got, frozen.adapt(ep.support, 3)(ep.query), atol=1e-5)
-    plain = ProtoNet(tiny_encoder, 3, "cosine", 0.1, False)
+    plain = ProtoNet(tiny_encoder, 3, ProtoNetConfig(metric="cosine", temperature=0.1))
     proto.train(), plain.train(), tiny_encoder.eval()  # training mode, dropout off
     trained = proto.adapt(ep.support, 3)(ep.query)
     assert torch.allclose(trained, plain.adapt(ep.support, 3)(ep.query))
@@ -215,7 +217,11 @@ def reference_soft_kmeans(s, ys, q, way, steps, temperature):
 def test_transductive_prototypes_follow_the_queries_at_evaluation_only():
     torch.manual_seed(0)
     table = torch.randn(20, 4, dtype=torch.float64)
-    algo = ProtoNet(TableEncoder(table), 2, "cosine", 0.2, False, transductive_steps=3)
+    algo = ProtoNet(
+        TableEncoder(table),
+        2,
+        ProtoNetConfig(metric="cosine", temperature=0.2, transductive_steps=3),
+    )
     support = Examples(torch.tensor([0, 1, 2, 3]), torch.tensor([0, 0, 1, 1]), ("a", "b"))
     query = Examples(torch.arange(4, 10), torch.tensor([0, 1, 0, 1, 0, 1]), ("a", "b"))
     algo.eval()
@@ -227,7 +233,7 @@ def test_transductive_prototypes_follow_the_queries_at_evaluation_only():
         others = Examples(ids, query.labels, ("a", "b"))
         assert not torch.allclose(algo.adapt(support, 2)(others)[0], got[0])  # reads the others
     algo.train()
-    plain = ProtoNet(TableEncoder(table), 2, "cosine", 0.2, False)
+    plain = ProtoNet(TableEncoder(table), 2, ProtoNetConfig(metric="cosine", temperature=0.2))
     assert torch.allclose(algo.adapt(support, 2)(query), plain.adapt(support, 2)(query))
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from metarun.algo import build_algorithm
+from metarun.algo.heads import VerbalizerHead
 from metarun.backbone import load_backbone
 from metarun.config import package_dir
 from metarun.errors import MetarunError
@@ -78,7 +79,7 @@ def test_verbalizer_meta_gradient_matches_finite_differences(
     algo = make("algo=maml", "algo.head=verbalizer", f"algo.adapt={adapt}", "algo.top_k=1",
                 "algo.inner_steps=2", "algo.inner_lr=0.5", "algo.lora_r=2",
                 dtype=torch.float64)  # fmt: skip
-    assert not algo.feature_cache and algo.inner.verbalizer is not None
+    assert not algo.feature_cache and isinstance(algo.inner.head, VerbalizerHead)
     finite_difference_check(algo, episodes)
 
 

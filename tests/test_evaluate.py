@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from metarun.algo.protonet import ProtoNet
+from metarun.config import ProtoNetConfig
 from metarun.evaluate import EvalResult, evaluate, macro_f1
 from metarun.task import fixed_episodes
 
@@ -33,15 +34,20 @@ class _CountingProtoNet(ProtoNet):
 def test_cached_and_uncached_evaluation_agree(tiny_encoder, synthetic_task):
     tiny_encoder.set_texts(synthetic_task.texts)
     episodes = fixed_episodes(synthetic_task.splits["test"], 3, 2, 3, 8, 0, "test")
-    cached = evaluate(ProtoNet(tiny_encoder, 3, "euclidean", 1.0, False), episodes)
-    direct = evaluate(_CountingProtoNet(tiny_encoder, 3, "euclidean", 1.0, False), episodes)
+    cached = evaluate(
+        ProtoNet(tiny_encoder, 3, ProtoNetConfig(metric="euclidean", temperature=1.0)), episodes
+    )
+    direct = evaluate(
+        _CountingProtoNet(tiny_encoder, 3, ProtoNetConfig(metric="euclidean", temperature=1.0)),
+        episodes,
+    )
     assert np.allclose(cached.accuracies, direct.accuracies)
     assert len(cached.accuracies) == 8
 
 
 def test_evaluation_restores_training_mode_and_weights(tiny_encoder, synthetic_task):
     tiny_encoder.set_texts(synthetic_task.texts)
-    algo = ProtoNet(tiny_encoder, 3, "euclidean", 1.0, False).train()
+    algo = ProtoNet(tiny_encoder, 3, ProtoNetConfig(metric="euclidean", temperature=1.0)).train()
     before = {k: v.clone() for k, v in algo.state_dict().items()}
     evaluate(algo, fixed_episodes(synthetic_task.splits["test"], 3, 1, 2, 3, 0, "test"))
     assert algo.training
@@ -57,6 +63,8 @@ def test_frozen_evaluation_encodes_each_distinct_text_once(tiny_encoder, synthet
         lambda module, args, kwargs, out: encoded.append(kwargs["input_ids"].shape[0]),
         with_kwargs=True,
     )
-    evaluate(ProtoNet(tiny_encoder, 3, "euclidean", 1.0, False), episodes)
+    evaluate(
+        ProtoNet(tiny_encoder, 3, ProtoNetConfig(metric="euclidean", temperature=1.0)), episodes
+    )
     hook.remove()
     assert sum(encoded) == distinct < 20 * 15  # 20 episodes of 15 texts share texts

@@ -88,7 +88,7 @@ def test_shared_prefix_scores_equal_each_sequence_scored_alone(icl, episode, bac
 
 def test_trees_packed_in_rows_score_like_trees_alone(icl):
     """Several trees share rows (and a forward) without seeing each other."""
-    scorer = PromptScorer(icl(backbone="tiny-llama").encoder, max_tokens=40)
+    scorer = PromptScorer(icl(backbone="tiny-llama").encoder, "a test", max_tokens=40)
     trees = [
         Tree([5, 6, 7], [[8, 9], [10]], [[[11, 12], [13]], [[11, 12], [13]]]),
         Tree([20], [[21, 22, 23]], [[[24]]]),

@@ -67,7 +67,7 @@ def test_zero_inner_lr_gives_the_plain_gradient(make, episodes, algo_name):
     algo.zero_grad()
     losses = []
     for ep in episodes:
-        protos_w, protos_b = algo.inner.init_head(
+        protos_w, protos_b = algo.inner.head.init_weights(
             algo.encoder(ep.support.ids), ep.support.labels, ep.way, algo.inner.lrs
         )
         logits = F.linear(algo.encoder(ep.query.ids), protos_w, protos_b)
@@ -236,10 +236,9 @@ def test_inner_gradient_treats_the_prototype_head_as_its_own_variable(make, epis
     params = {f"model.{n}": enc.model.get_parameter(n).detach().clone().requires_grad_()
               for n in inner.names}  # fmt: skip
     with torch.no_grad():
-        weight, bias = inner.init_head(enc(support.ids), support.labels, 3, inner.lrs)
+        weight, bias = inner.head.init_weights(enc(support.ids), support.labels, 3, inner.lrs)
     params |= {"head.weight": weight.requires_grad_(), "head.bias": bias.requires_grad_()}
-    loss = F.cross_entropy(inner.logits(inner.features(enc, support, params), params),
-                           support.labels)  # fmt: skip
+    loss = F.cross_entropy(inner.head.scores(enc, support, params), support.labels)
     found = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
     grads = dict(zip(params, found, strict=True))
     for name, value in params.items():

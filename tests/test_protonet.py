@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from metarun.algo.protonet import ProtoNet, metric_logits, prototypes
+from metarun.config import ProtoNetConfig
 from metarun.task import EpisodeSampler, Examples, fixed_episodes
 
 
@@ -23,7 +24,7 @@ def test_euclidean_logits_are_negative_squared_distances():
 
 def test_query_equal_to_a_support_point_is_classified_as_its_class(tiny_encoder):
     tiny_encoder.set_texts(["alpha", "beta gamma", "delta"])
-    algo = ProtoNet(tiny_encoder, 3, "euclidean", 1.0, False).eval()
+    algo = ProtoNet(tiny_encoder, 3, ProtoNetConfig(metric="euclidean", temperature=1.0)).eval()
     support = Examples(torch.tensor([0, 1, 2]), torch.tensor([2, 0, 1]))
     with torch.no_grad():
         logits = algo.adapt(support, 3)(Examples(torch.tensor([1, 2, 0]), torch.tensor([0, 1, 2])))
@@ -33,18 +34,20 @@ def test_query_equal_to_a_support_point_is_classified_as_its_class(tiny_encoder)
 def test_temperature_scales_logits_and_learns(tiny_encoder, synthetic_task):
     tiny_encoder.set_texts(synthetic_task.texts)
     ep = fixed_episodes(synthetic_task.splits["train"], 3, 2, 2, 1, 0, "train")[0]
-    algo = ProtoNet(tiny_encoder, 3, "cosine", 0.5, learn_temperature=True)
+    algo = ProtoNet(
+        tiny_encoder, 3, ProtoNetConfig(metric="cosine", temperature=0.5, learn_temperature=True)
+    )
     loss, _ = algo.meta_loss([ep])
     loss.backward()
     assert algo.log_temperature.grad is not None and algo.log_temperature.grad != 0
-    fixed = ProtoNet(tiny_encoder, 3, "cosine", 0.5, learn_temperature=False)
+    fixed = ProtoNet(tiny_encoder, 3, ProtoNetConfig(metric="cosine", temperature=0.5))
     assert not any(p is fixed.log_temperature for p in fixed.parameters())
 
 
 def test_meta_training_lowers_query_loss_and_beats_chance(tiny_encoder, synthetic_task):
     torch.manual_seed(0)
     tiny_encoder.set_texts(synthetic_task.texts)
-    algo = ProtoNet(tiny_encoder, 3, "euclidean", 1.0, False)
+    algo = ProtoNet(tiny_encoder, 3, ProtoNetConfig(metric="euclidean", temperature=1.0))
     held_out = fixed_episodes(synthetic_task.splits["train"], 3, 2, 3, 12, 5, "valid")
 
     def held_out_loss() -> tuple[float, float]:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from metarun.algo.protonet import ProtoNet
-from metarun.config import TrainConfig
+from metarun.config import ProtoNetConfig, TrainConfig
 from metarun.errors import MetarunError
 from metarun.evaluate import EvalResult
 from metarun.logger import JsonlSink, Logger
@@ -43,7 +43,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_what_was_written(
     tiny_encoder, synthetic_task, tmp_path
 ):
     tiny_encoder.set_texts(synthetic_task.texts)
-    algo = _NaNAfter(tiny_encoder, 3, "euclidean", 1.0, False, bad_call=4)
+    algo = _NaNAfter(tiny_encoder, 3, ProtoNetConfig(), bad_call=4)
     trainer = _trainer(algo, synthetic_task, tmp_path)
     with pytest.raises(MetarunError, match=r"train/loss is nan at step 4: lower train\.lr"):
         trainer.fit()
@@ -74,7 +74,7 @@ def test_early_stopping_and_best_state_restored(
     tiny_encoder, synthetic_task, tmp_path, monkeypatch
 ):
     tiny_encoder.set_texts(synthetic_task.texts)
-    algo = ProtoNet(tiny_encoder, 3, "euclidean", 1.0, False)
+    algo = ProtoNet(tiny_encoder, 3, ProtoNetConfig(metric="euclidean", temperature=1.0))
     trainer = _trainer(algo, synthetic_task, tmp_path, steps=20, patience=2)
     snapshots = scripted_validation(monkeypatch, [0.5, 0.9, 0.6, 0.7, 0.8])  # best: step 4
     fit = trainer.fit()
@@ -89,7 +89,7 @@ def test_val_at_start_keeps_the_starting_weights_when_training_never_beats_them(
     tiny_encoder, synthetic_task, tmp_path, monkeypatch
 ):
     tiny_encoder.set_texts(synthetic_task.texts)
-    algo = ProtoNet(tiny_encoder, 3, "euclidean", 1.0, False)
+    algo = ProtoNet(tiny_encoder, 3, ProtoNetConfig(metric="euclidean", temperature=1.0))
     start = {n: p.detach().clone() for n, p in algo.named_parameters() if p.requires_grad}
     trainer = _trainer(algo, synthetic_task, tmp_path, steps=4, val_at_start=True)
     scripted_validation(monkeypatch, [0.9, 0.5, 0.6])  # step 0, then steps 2 and 4
@@ -102,7 +102,7 @@ def test_val_at_start_keeps_the_starting_weights_when_training_never_beats_them(
 
 def test_steps_zero_trains_nothing(tiny_encoder, synthetic_task, tmp_path):
     tiny_encoder.set_texts(synthetic_task.texts)
-    algo = ProtoNet(tiny_encoder, 3, "euclidean", 1.0, False)
+    algo = ProtoNet(tiny_encoder, 3, ProtoNetConfig(metric="euclidean", temperature=1.0))
     before = {k: v.clone() for k, v in algo.state_dict().items()}
     fit = _trainer(algo, synthetic_task, tmp_path, steps=0).fit()
     assert fit.steps_done == 0 and fit.best_step is None

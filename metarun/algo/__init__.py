@@ -8,8 +8,8 @@ explicitly) is built, and its other keys are passed as plain values, never insta
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
-import inspect
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -18,8 +18,6 @@ from metarun.algo.base import Algorithm, Predictor
 from metarun.backbone import Encoder
 from metarun.checks import closest
 from metarun.errors import MetarunError
-
-DECODERS = "a decoder backbone (backbone=smollm2 offline, gpt2, qwen2.5-0.5b, llama-3.2-1b)"
 
 
 def locate(path: str) -> object:
@@ -76,9 +74,21 @@ def algorithm_class(target: str | None, allowed: list[str] | None = None) -> typ
     return cls
 
 
-def algorithm_kwargs(cfg: DictConfig, cls: type[Algorithm]) -> dict[str, Any]:
-    """The config's keys as plain values, checked against the class's constructor."""
-    values = OmegaConf.to_container(cfg, resolve=True)
+def algorithm_config(cfg: Any, cls: type[Algorithm]) -> Any:
+    """The algorithm's options as an instance of `cls.config`, from the composed `algo` node
+    (a DictConfig) or a dataclass; an unknown or missing key is one error naming it."""
+    schema = cls.config
+    if not (isinstance(schema, type) and dataclasses.is_dataclass(schema)):
+        raise MetarunError(
+            f"{cls.__name__} declares no options schema: set `config = <a dataclass>` on the "
+            "class (its fields are the algo.* keys)"
+        )
+    if isinstance(cfg, schema):
+        return cfg
+    if isinstance(cfg, DictConfig):
+        values = OmegaConf.to_container(cfg, resolve=True)
+    else:
+        values = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
     assert isinstance(values, dict)
     values.pop("_target_", None)
     special = sorted(k for k in values if str(k).startswith("_"))
@@ -87,41 +97,26 @@ def algorithm_kwargs(cfg: DictConfig, cls: type[Algorithm]) -> dict[str, Any]:
             f"algo.{special[0]} is not read: an algorithm is built from its _target_ and plain "
             "values only (nothing in a config is called or instantiated)"
         )
-    params = inspect.signature(cls.__init__).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return values
-    accepted = [n for n in params if n not in ("self", "encoder", "way")]
+    fields = {f.name: f for f in dataclasses.fields(schema) if f.name != "_target_"}
     for key in values:
-        if key not in accepted:
-            near = closest(str(key), accepted)
-            options = ", ".join(accepted) or "none"
-            hint = f"did you mean algo.{near}?" if near else f"its options: {options}"
+        if key not in fields:
+            near = closest(str(key), list(fields))
+            hint = f"did you mean algo.{near}?" if near else f"its options: {', '.join(fields)}"
             raise MetarunError(f"algo.{key} is not an option of {cls.__name__}; {hint}")
-    missing = [
-        n for n in accepted if n not in values and params[n].default is inspect.Parameter.empty
-    ]
-    if missing:
-        raise MetarunError(f"{cls.__name__} needs algo.{missing[0]}; set it in the algo config")
-    return values
+    for name, spec in fields.items():
+        unset = spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING
+        if name not in values and unset:
+            raise MetarunError(f"{cls.__name__} needs algo.{name}; set it in the algo config")
+    return schema(**values)
 
 
-def check_backbone_kind(cls: type[Algorithm], encoder: Encoder) -> None:
-    """Algorithms reading pooled features run on encoders and decoders alike; prompt-based
-    ones (in-context learning, MetaICL, zero-shot prompting) need a decoder's LM head."""
-    if getattr(cls, "backbone_kind", "any") == "causal_lm" and not encoder.causal_lm:
-        raise MetarunError(
-            f"algo {cls.__name__} scores label names with a decoder's LM head, but the backbone "
-            f"is an encoder ({encoder.name}); choose {DECODERS}"
-        )
+def build_algorithm(cfg: Any, encoder: Encoder, way: int, allowed: list[str] | None = None):
+    """`cfg`: the composed `algo` node (or its dataclass); the class is the one `_target_`
+    names, built with its typed options."""
+    mapping = isinstance(cfg, DictConfig | dict)
+    target = cfg.get("_target_") if mapping else getattr(cfg, "_target_", None)
+    cls = algorithm_class(target, allowed)
+    return cls(encoder, way, algorithm_config(cfg, cls))
 
 
-def build_algorithm(
-    cfg: DictConfig, encoder: Encoder, way: int, allowed: list[str] | None = None
-) -> Algorithm:
-    cls = algorithm_class(cfg.get("_target_"), allowed)
-    kwargs = algorithm_kwargs(cfg, cls)
-    check_backbone_kind(cls, encoder)
-    return cls(encoder=encoder, way=way, **kwargs)
-
-
-__all__ = ["Algorithm", "Predictor", "algorithm_class", "build_algorithm"]
+__all__ = ["Algorithm", "Predictor", "algorithm_class", "algorithm_config", "build_algorithm"]

@@ -2,30 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from metarun.backbone import transformer_layers
 from metarun.errors import MetarunError
-
-ADAPT = ("all", "head", "top_k", "bias", "lora")
-HEADS = ("linear", "verbalizer")
-
-
-def resolve_adapt(adapt: str, head: str, linear_default: str) -> str:
-    """`algo.adapt=auto`: LoRA under the verbalizer head (a decoder's weights are the
-    classifier; LoRA is the lean way to adapt them), the algorithm's own choice under a linear
-    head. The verbalizer has no head of its own, so adapting only the head is refused."""
-    if head not in HEADS:
-        raise MetarunError(f"algo.head={head}; use one of {', '.join(HEADS)}")
-    if adapt == "auto":
-        return "lora" if head == "verbalizer" else linear_default
-    if head == "verbalizer" and adapt == "head":
-        raise MetarunError(
-            "algo.head=verbalizer scores label names with the decoder itself and has no head to "
-            "adapt; use algo.adapt=lora (or all, top_k, bias)"
-        )
-    return adapt
-
 
 # The inner rate when `algo.inner_lr` is unset and LoRA adapts. Chosen on validation classes
 # (BANKING77 split 01, SmolLM2, verbalizer head, 1-shot, 10 SGD steps: 1e-3 left accuracy at the
@@ -33,13 +14,19 @@ def resolve_adapt(adapt: str, head: str, linear_default: str) -> str:
 LORA_INNER_LR = 0.1
 
 
-def inner_rate(lr: float | None, adapt: str, otherwise: float) -> float:
-    """`algo.inner_lr` (or finetune's `eval_lr`), or its default for what adapts."""
+def inner_rate(lr: float | None, adapt: str, otherwise: float = 1e-3) -> float:
+    """`algo.inner_lr` (or finetune's `eval_lr`), or its default for what adapts: `otherwise`
+    (1e-3 suits a pretrained model's weights) unless LoRA adapts."""
     if lr is None:
         return LORA_INNER_LR if adapt == "lora" else otherwise
-    if lr < 0:
-        raise MetarunError(f"algo.inner_lr={lr} must be >= 0")
     return lr
+
+
+def encoder_params(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The adapted encoder tensors ("model.<name>" -> "<name>"); None when only a head adapts,
+    so that the encoder's own (cacheable) forward runs."""
+    own = {k.removeprefix("model."): v for k, v in params.items() if k.startswith("model.")}
+    return own or None
 
 
 def inject_lora(model: nn.Module, r: int, alpha: int, targets: list[str]) -> None:
@@ -47,8 +34,6 @@ def inject_lora(model: nn.Module, r: int, alpha: int, targets: list[str]) -> Non
     place; they start trainable."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    if r < 1:
-        raise MetarunError(f"algo.lora_r={r} must be at least 1")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets))
     # peft freezes the base weights; whether they meta-train stays backbone.trainable's choice
     # (backbone.trainable=none is the memory-lean setting: only LoRA and the head learn).
@@ -76,8 +61,6 @@ def untied_input_embedding(model: nn.Module) -> str | None:
 
 def adapted_names(model: nn.Module, adapt: str, top_k: int) -> list[str]:
     """Names (as in `model.named_parameters()`) of the tensors the inner loop updates."""
-    if adapt not in ADAPT:
-        raise MetarunError(f"algo.adapt={adapt}; use one of {', '.join(ADAPT)}")
     names = [n for n, _ in model.named_parameters()]
     if adapt == "head":
         return []

@@ -5,6 +5,8 @@
 - `prepare(data)`: called once with the task before training, for algorithms that need more
   than episodes (label names, the list of meta-train classes). Default: nothing.
 
+A subclass is built as `cls(encoder, way, cfg)`, `cfg` an instance of its `config` dataclass.
+
 Adapted weights must be passed to the encoder as `params` (functional), never written into the
 module: evaluation relies on the encoder's own weights being constant to reuse embeddings.
 """
@@ -38,10 +40,9 @@ class Algorithm(nn.Module):
     # encodes an episode's support and query texts in one forward (fuller, better-packed
     # batches). Algorithms whose predictions come from adapted encoder weights set it False.
     feature_cache: bool = True
-    # The backbone family the algorithm runs on: "any" (pooled embeddings of an encoder or a
-    # decoder) or "causal_lm" (a decoder scoring text continuations). `build_algorithm` refuses
-    # an encoder for the latter up front.
-    backbone_kind: str = "any"
+    # The dataclass of the algorithm's options (`algo.*`), which its constructor receives
+    # built: metarun's live in config.py; a user's own algorithm declares its own beside it.
+    config: type | None = None
     # The method family (metric, gradient, closed-form, model-based, baseline, in-context): the
     # W&B job type, so dashboards group runs by it without the logger naming any algorithm.
     family: str = "other"

@@ -8,12 +8,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metarun.algo.adapted import inner_rate
 from metarun.algo.base import (
     Algorithm,
     Predictor,
@@ -22,80 +24,60 @@ from metarun.algo.base import (
     register_log_scalar,
     upcast,
 )
+from metarun.algo.heads import resolve_adapt
 from metarun.algo.inner import build_inner_loop
 from metarun.algo.logreg import fit_logistic
 from metarun.backbone import Encoder
+from metarun.config import (
+    FineTuneConfig,
+    FrozenConfig,
+    InnerLoopFields,
+    PromptFields,
+    ZeroShotConfig,
+)
 from metarun.errors import MetarunError
 from metarun.task import Episode, Examples, TaskData
 from metarun.task.data import episode_label_names
 
 
+def per_episode_fit(cfg: FineTuneConfig) -> InnerLoopFields:
+    """Fine-tuning's per-episode fit as an inner loop: it starts from a zero head, adapts
+    `algo.adapt` (the head alone under a linear head) at `eval_lr` (0.5 for a zero head) and
+    is never differentiated through (evaluation only)."""
+    adapt = resolve_adapt(cfg.adapt, cfg.head, "head")
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(PromptFields)}
+    return InnerLoopFields(
+        **fields, head=cfg.head, adapt=adapt, top_k=cfg.top_k, inner_steps=0,
+        eval_inner_steps=cfg.eval_steps, inner_lr=inner_rate(cfg.eval_lr, adapt, 0.5),
+        head_init="zeros", inner_optimizer=cfg.inner_optimizer, lora_r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+    )  # fmt: skip
+
+
 class FineTune(Algorithm):
     family = "baseline"
+    config = FineTuneConfig
 
-    def __init__(
-        self, encoder: Encoder, way: int, head: str, adapt: str, top_k: int, lora_r: int,
-        lora_alpha: int, eval_steps: int, eval_lr: float | None, inner_optimizer: str,
-        head_lr: float,
-        instruction: str, template: str, separator: str, score: str,
-    ) -> None:  # fmt: skip
+    def __init__(self, encoder: Encoder, way: int, cfg: FineTuneConfig) -> None:
         super().__init__(encoder, way)
-        if adapt not in ("auto", "head", "top_k", "bias", "all", "lora"):
-            raise MetarunError(
-                f"algo.adapt={adapt}; fine-tuning adapts head, top_k, bias, all or lora"
-            )
-        # The per-episode fit is an inner loop that starts from a zero head and is never
-        # differentiated through (evaluation only).
-        self.inner = build_inner_loop(
-            encoder, way, adapt, top_k, 0, eval_steps, eval_lr, False, "zeros",
-            inner_optimizer, (lora_r, lora_alpha), head,
-            (instruction, template, separator, score), linear_default="head", default_lr=0.5,
-        )  # fmt: skip
+        self.inner = build_inner_loop(encoder, way, per_episode_fit(cfg))
         self.feature_cache = not self.inner.adapts_encoder
-        self.head_lr = head_lr
-        self.class_index: dict[str, int] = {}
-        self.classifier: nn.Linear | None = None
+        self.head_lr = cfg.head_lr
+        self.objective: nn.Module | None = None
 
     def prepare(self, data: TaskData) -> None:
-        """One output per meta-train class: the classifier of ordinary supervised training (the
-        verbalizer head needs none: the decoder scores label names)."""
+        """The head's training objective: a classifier over every meta-train class under the
+        linear head, prompt-based training on label names under the verbalizer."""
         self.inner.prepare(data)
-        if self.inner.verbalizer is None:
-            self.class_index = {c: i for i, c in enumerate(sorted(data.splits["train"]))}
-            self.classifier = nn.Linear(self.encoder.dim, len(self.class_index))
+        self.objective = self.inner.head.objective(self.encoder, data)
 
     def param_groups(self) -> list[dict]:
-        return fresh_module_groups(self, [self.classifier], self.head_lr)
+        return fresh_module_groups(self, [self.objective], self.head_lr)
 
     def meta_loss(self, episodes: Sequence[Episode]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Cross-entropy over all meta-train classes on the episodes' examples, pooled into one
-        batch: the episode structure is only a source of labelled texts here. Under the
-        verbalizer head: cross-entropy over each episode's label names, the decoder unadapted
-        (prompt-based fine-tuning)."""
-        verbalizer = self.inner.verbalizer
-        if verbalizer is not None:
-            losses, correct, total = [], 0, 0
-            for ep in episodes:
-                for part in (ep.support, ep.query):
-                    logits = verbalizer(part)
-                    labels = part.labels.to(logits.device)
-                    losses.append(F.cross_entropy(logits, labels, reduction="sum"))
-                    correct += int((logits.argmax(-1) == labels).sum())
-                    total += len(labels)
-            loss = torch.stack(losses).sum() / total
-            return loss, {"loss": float(loss.detach()), "acc": correct / total}
-        if self.classifier is None:
+        if self.objective is None:
             raise RuntimeError("FineTune.prepare(data) must run before training")
-        ids, labels = [], []
-        for ep in episodes:
-            for part in (ep.support, ep.query):
-                ids.append(part.ids)
-                labels.append(torch.tensor([self.class_index[ep.classes[i]] for i in part.labels]))
-        logits = self.classifier(upcast(self.encoder(torch.cat(ids))))
-        target = torch.cat(labels).to(logits.device)
-        loss = F.cross_entropy(logits, target)
-        acc = float((logits.argmax(-1) == target).float().mean())
-        return loss, {"loss": float(loss.detach()), "acc": acc}
+        return self.objective(self.encoder, episodes)
 
     def adapt(self, support: Examples, way: int) -> Predictor:
         return self.inner.run(self.encoder, support, way, self.inner.eval_steps, track=False,
@@ -106,12 +88,11 @@ class FrozenLogReg(Algorithm):
     """The BERT-Freeze baseline: nothing meta-trains; each episode fits its own classifier."""
 
     family = "baseline"
+    config = FrozenConfig
 
-    def __init__(self, encoder: Encoder, way: int, c: float, max_iter: int, normalize: bool):
+    def __init__(self, encoder: Encoder, way: int, cfg: FrozenConfig) -> None:
         super().__init__(encoder, way)
-        if c <= 0 or max_iter < 1:
-            raise MetarunError(f"algo.c={c} must be positive and algo.max_iter={max_iter} >= 1")
-        self.c, self.max_iter, self.normalize = c, max_iter, normalize
+        self.c, self.max_iter, self.normalize = cfg.c, cfg.max_iter, cfg.normalize
         freeze(encoder)
 
     def features(self, ids: torch.Tensor) -> torch.Tensor:
@@ -131,17 +112,16 @@ class ZeroShot(Algorithm):
     """
 
     family = "baseline"
+    config = ZeroShotConfig
 
-    def __init__(
-        self, encoder: Encoder, way: int, template: str, temperature: float,
-        learn_temperature: bool,
-    ) -> None:  # fmt: skip
+    def __init__(self, encoder: Encoder, way: int, cfg: ZeroShotConfig) -> None:
         super().__init__(encoder, way)
-        if "{label}" not in template:
-            raise MetarunError(f"algo.template={template!r} must contain {{label}}")
-        self.template = template
+        if "{label}" not in cfg.template:
+            raise MetarunError(f"algo.template={cfg.template!r} must contain {{label}}")
+        self.template = cfg.template
         self.label_names: dict[str, str] = {}
-        register_log_scalar(self, "log_temperature", temperature, learn_temperature, "temperature")
+        register_log_scalar(self, "log_temperature", cfg.temperature, cfg.learn_temperature,
+                            "temperature")  # fmt: skip
 
     def prepare(self, data: TaskData) -> None:
         self.label_names = dict(data.label_names)

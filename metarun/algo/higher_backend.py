@@ -51,8 +51,8 @@ def adapt_with_higher(
     opt = torch.optim.SGD([{"params": [p]} for p in refs], lr=float(inner.lrs[0, 0]))
     labels = support.labels.to(encoder.tokens.device)
     with torch.enable_grad():
-        feats0 = encoder(support.ids) if inner.head_init == "proto" else None
-        weight, bias = inner.init_head(feats0, labels, way, inner.lrs)
+        feats0 = encoder(support.ids) if inner.head.init == "proto" else None
+        weight, bias = inner.head.init_weights(feats0, labels, way, inner.lrs)
         fmodel = higher.monkeypatch(net, copy_initial_weights=False, track_higher_grads=track)
         start = [
             weight if n == "head.weight" else bias if n == "head.bias" else p.view_as(p)

@@ -18,7 +18,7 @@ from metarun.algo.adapted import inject_lora
 from metarun.algo.base import Algorithm, Predictor, fresh_module_groups, upcast
 from metarun.algo.protonet import prototypes
 from metarun.backbone import Encoder
-from metarun.errors import MetarunError
+from metarun.config import HyperNetConfig
 from metarun.task import Examples
 
 
@@ -35,23 +35,20 @@ def lora_pairs(model: nn.Module) -> list[tuple[str, str]]:
 class HyperNet(Algorithm):
     family = "model-based"
 
-    def __init__(
-        self, encoder: Encoder, way: int, hidden: int, generate_lora: bool, lora_r: int,
-        lora_alpha: int, head_lr: float,
-    ) -> None:  # fmt: skip
+    config = HyperNetConfig
+
+    def __init__(self, encoder: Encoder, way: int, cfg: HyperNetConfig) -> None:
         super().__init__(encoder, way)
-        if hidden < 1:
-            raise MetarunError(f"algo.hidden={hidden} must be positive")
-        dim, self.head_lr = encoder.dim, head_lr
+        dim, self.head_lr, hidden = encoder.dim, cfg.head_lr, cfg.hidden
         self.task_encoder = mlp(dim, hidden, hidden)
         self.head_writer = mlp(dim + hidden, hidden, dim + 1)
         nn.init.zeros_(self.head_writer[-1].weight)  # starts as ProtoNet: correction zero
         nn.init.zeros_(self.head_writer[-1].bias)
         self.pairs: list[tuple[str, str]] = []
         self.lora_writer: nn.ModuleDict | None = None
-        if generate_lora:
-            self.build_lora_writer(lora_r, lora_alpha, encoder.lora_targets, hidden)
-        self.feature_cache = not generate_lora
+        if cfg.generate_lora:
+            self.build_lora_writer(cfg.lora_r, cfg.lora_alpha, encoder.lora_targets, hidden)
+        self.feature_cache = not cfg.generate_lora
 
     def build_lora_writer(self, r: int, alpha: int, targets: list[str], hidden: int) -> None:
         model = self.encoder.model

@@ -20,41 +20,29 @@ from metarun.algo.prompting import (
     PromptFormat,
     PromptScorer,
     Tree,
-    check_score,
     chunks,
     score_matrix,
     task_text,
 )
 from metarun.backbone import Encoder
-from metarun.errors import MetarunError
+from metarun.config import ICLConfig
 from metarun.task import Episode, Examples, TaskData
 from metarun.task.data import episode_label_names
-
-LOSSES = ("lm", "ce")
 
 
 class InContext(Algorithm):
     family = "in-context"
-    backbone_kind = "causal_lm"
+    config = ICLConfig
     feature_cache = False  # predictions come from prompts, not cached embeddings
 
-    def __init__(
-        self, encoder: Encoder, way: int, instruction: str, template: str, separator: str,
-        score: str, demonstrations: bool, batch_size: int, shared_prefix: bool, train_lm: bool,
-        loss: str,
-    ) -> None:  # fmt: skip
+    def __init__(self, encoder: Encoder, way: int, cfg: ICLConfig) -> None:
         super().__init__(encoder, way)
-        check_score(score)
-        if loss not in LOSSES:
-            raise MetarunError(f"algo.loss={loss}; use one of {', '.join(LOSSES)}")
-        if batch_size < 1:
-            raise MetarunError(f"algo.batch_size={batch_size} must be at least 1")
-        self.format = PromptFormat(instruction, template, separator)
-        self.scorer = PromptScorer(encoder)
-        self.score, self.batch_size, self.loss = score, batch_size, loss
-        self.demonstrations, self.shared_prefix = demonstrations, shared_prefix
+        self.scorer = PromptScorer(encoder, f"{type(self).__name__} (algo=icl, metaicl, prompt)")
+        self.format = PromptFormat(cfg.instruction, cfg.template, cfg.separator)
+        self.score, self.batch_size, self.loss = cfg.score, cfg.batch_size, cfg.loss
+        self.demonstrations, self.shared_prefix = cfg.demonstrations, cfg.shared_prefix
         self.label_names: dict[str, str] = {}
-        if not train_lm:  # plain in-context learning: the decoder never changes
+        if not cfg.train_lm:  # plain in-context learning: the decoder never changes
             freeze(encoder)
 
     def prepare(self, data: TaskData) -> None:

@@ -1,5 +1,5 @@
-"""A functional inner loop: a linear head plus a declared subset of encoder parameters, or, with
-the verbalizer head, a decoder's own label-name scores under its adapted weights.
+"""A functional inner loop over a declared subset of encoder parameters plus the head's own
+tensors; the head (algo/heads/) turns adapted weights into class scores.
 
 Adapted weights live in a dict passed to `torch.func.functional_call`; the module itself is
 never modified or copied. With `track=True` the adapted weights stay functions of the initial
@@ -20,114 +20,71 @@ from metarun.algo.adapted import (
     adapted_names,
     inject_lora,
     inner_rate,
-    resolve_adapt,
     untied_input_embedding,
 )
-from metarun.algo.base import upcast
-from metarun.algo.prompting import Verbalizer
-from metarun.algo.protonet import prototypes
+from metarun.algo.heads import Head, build_head, resolve_adapt
 from metarun.algo.recompute import checkpointed_step
 from metarun.backbone import Encoder
+from metarun.config import InnerLoopFields
 from metarun.errors import MetarunError
 from metarun.task import Examples, TaskData
 
-HEAD_INITS = ("zeros", "proto", "learned")
-INNER_OPTIMIZERS = ("sgd", "adam")
-HEAD = ("head.weight", "head.bias")
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 
 
 @dataclass
 class Adapted:
-    params: dict[str, torch.Tensor]  # "model.<name>" for encoder tensors, plus HEAD
+    params: dict[str, torch.Tensor]  # "model.<name>" for encoder tensors, plus the head's
     support_loss: float  # after the last step's update was computed (before it was applied)
     predict: Callable[[Examples], torch.Tensor]
 
 
 def build_inner_loop(
-    encoder: Encoder, way: int, adapt: str, top_k: int, steps: int, eval_steps: int,
-    lr: float | None, learn_lr: bool, head_init: str, optimizer: str, lora: tuple[int, int],
-    head: str = "linear", prompt: tuple[str, str, str, str] | None = None,
-    linear_default: str = "all", default_lr: float = 1e-3,
+    encoder: Encoder, way: int, cfg: InnerLoopFields, learn_lr: bool = False,
+    linear_default: str = "all",
 ) -> InnerLoop:  # fmt: skip
-    """The inner loop an algorithm's `adapt` options describe (injecting LoRA when asked).
-    `prompt`: the verbalizer's (instruction, template, separator, score); `default_lr`: the
-    rate when `lr` is None and LoRA does not adapt."""
-    adapt = resolve_adapt(adapt, head, linear_default)
-    lr = inner_rate(lr, adapt, default_lr)
-    verbalizer = None
-    if head == "verbalizer":
-        if not encoder.causal_lm:
-            raise MetarunError(
-                f"algo.head=verbalizer scores label names with a decoder's LM head, and "
-                f"{encoder.name} is an encoder; use algo.head=linear, or a decoder backbone "
-                "(backbone=smollm2)"
-            )
-        verbalizer = Verbalizer(encoder, *(prompt or ()))
+    """The inner loop `cfg` describes (injecting LoRA when asked); `linear_default`: what
+    `algo.adapt=auto` adapts under a head that leaves the choice to the algorithm."""
+    adapt = resolve_adapt(cfg.adapt, cfg.head, linear_default)
+    lr = inner_rate(cfg.inner_lr, adapt)
     if adapt == "lora":
-        inject_lora(encoder.model, *lora, encoder.lora_targets)
-    names = adapted_names(encoder.model, adapt, top_k)
+        inject_lora(encoder.model, cfg.lora_r, cfg.lora_alpha, encoder.lora_targets)
+    head = build_head(encoder, way, cfg)
+    names = adapted_names(encoder.model, adapt, cfg.top_k)
     if adapt != "head" and not names:
         raise MetarunError(f"algo.adapt={adapt}: {encoder.name} has no such weights to adapt")
-    return InnerLoop(encoder, way, names, steps, eval_steps, lr, learn_lr, head_init, optimizer,
-                     verbalizer)  # fmt: skip
+    return InnerLoop(encoder, head, names, cfg, lr, learn_lr)
 
 
 class InnerLoop(nn.Module):
     def __init__(
-        self, encoder: Encoder, way: int, names: list[str], steps: int, eval_steps: int,
-        lr: float, learn_lr: bool, head_init: str, optimizer: str,
-        verbalizer: Verbalizer | None = None,
+        self, encoder: Encoder, head: Head, names: list[str], cfg: InnerLoopFields, lr: float,
+        learn_lr: bool,
     ) -> None:  # fmt: skip
         super().__init__()
-        self.verbalizer = verbalizer
-        if head_init not in HEAD_INITS:
-            raise MetarunError(f"algo.head_init={head_init}; use one of {', '.join(HEAD_INITS)}")
-        if optimizer not in INNER_OPTIMIZERS:
-            raise MetarunError(
-                f"algo.inner_optimizer={optimizer}; use one of {', '.join(INNER_OPTIMIZERS)}"
-            )
-        if steps < 0 or eval_steps < 0:
-            raise MetarunError("algo.inner_steps and algo.eval_inner_steps must be >= 0")
-        self.names, self.way, self.head_dim = names, way, encoder.dim
+        self.names = names
         # The input embedding table adapts only in the rows of the episode's tokens (the others
-        # get zero gradient): the inner loop carries those rows, not the whole vocabulary.
-        # (Not under the verbalizer: its prompts hold tokens beyond the episode's texts.)
+        # get zero gradient): the inner loop carries those rows, not the whole vocabulary,
+        # where the head reads nothing but the episode's tokens.
         table = untied_input_embedding(encoder.model)
-        self.table = f"model.{table}" if table in names and verbalizer is None else None
-        self.steps, self.eval_steps = steps, eval_steps
-        self.head_init, self.optimizer = head_init, optimizer
+        self.table = f"model.{table}" if table in names and head.cuts_table else None
+        self.steps, self.eval_steps = cfg.inner_steps, cfg.eval_inner_steps
+        self.optimizer = cfg.inner_optimizer
         # One learning rate per adapted tensor and per training step (MAML++ "LSLR");
         # evaluation steps beyond the trained ones reuse the last row.
-        lrs = torch.full((max(steps, 1), len(names) + len(HEAD)), float(lr))
+        lrs = torch.full((max(self.steps, 1), len(names) + len(head.names)), float(lr))
         if learn_lr:
             self.lrs = nn.Parameter(lrs)
         else:
             self.register_buffer("lrs", lrs)
-        if head_init == "learned" and verbalizer is None:
-            self.head_weight = nn.Parameter(torch.randn(way, encoder.dim) * encoder.dim**-0.5)
-            self.head_bias = nn.Parameter(torch.zeros(way))
+        self.head = head
 
     @property
     def adapts_encoder(self) -> bool:
         return bool(self.names)
 
     def prepare(self, data: TaskData) -> None:
-        """The verbalizer reads every class's readable name."""
-        if self.verbalizer is not None:
-            self.verbalizer.label_names = dict(data.label_names)
-
-    def init_head(self, feats: torch.Tensor | None, labels: torch.Tensor, way: int, like):
-        """(weight, bias) of the head before adaptation; `like` gives zeros' device and dtype."""
-        if self.head_init == "learned":
-            if way != self.way:
-                raise MetarunError(f"algo.head_init=learned has {self.way} classes, not {way}")
-            return self.head_weight, self.head_bias
-        if self.head_init == "proto":  # Proto-MAML: the linear form of the euclidean ProtoNet
-            protos = prototypes(upcast(feats), labels, way)
-            return 2 * protos, -(protos**2).sum(-1)
-        weight = like.new_zeros(way, self.head_dim, requires_grad=True)
-        return weight, like.new_zeros(way, requires_grad=True)
+        self.head.prepare(data)
 
     def start(self, encoder: Encoder, track: bool, vocab: torch.Tensor | None):
         """The initial adapted tensors (the embedding table's `vocab` rows only) and the
@@ -161,18 +118,10 @@ class InnerLoop(nn.Module):
             vocab = encoder.local_vocab(support.ids) if self.table else None
             params, table = self.start(encoder, track, vocab)
             labels = support.labels.to(encoder.tokens.device)
-            # Unadapted support features: needed for a prototype head, and they are the
-            # features of every step when only the head adapts (ANIL: computed once).
-            feats0 = None
-            linear = self.verbalizer is None
-            if linear and (not self.names or self.head_init == "proto"):
-                with torch.set_grad_enabled(track):
-                    feats0 = encoder(support.ids)
-            if linear:
-                weight, bias = self.init_head(feats0, labels, way, self.lrs)
-                if not track:
-                    weight, bias = weight.detach().requires_grad_(), bias.detach().requires_grad_()
-                params |= dict(zip(HEAD, (weight, bias), strict=True))
+            head, feats0 = self.head.start(encoder, support, way, track, bool(self.names), self.lrs)
+            params |= head
+            # Head only: every step reads the unadapted features of step 0 (unless `recompute`)
+            feats = feats0 if not self.names and not recompute else None
             state: dict[str, torch.Tensor] = {}
             fixed = self.fixed_inputs(encoder, params) if checkpoint else {}
             loss = torch.tensor(float("nan"))
@@ -182,10 +131,7 @@ class InnerLoop(nn.Module):
                         encoder, support, labels, vocab, params, state, fixed, step
                     )
                     continue
-                if not self.names and not recompute:  # head only: the features of step 0
-                    logits = self.logits(feats0, params)
-                else:
-                    logits = self.scores(encoder, support, params, vocab)
+                logits = self.head.scores(encoder, support, params, vocab, feats)
                 loss = F.cross_entropy(logits, labels)
                 params = self.update(params, loss, step, track, create_graph, state)
             if vocab is not None:  # the whole adapted table: any query token may appear
@@ -194,7 +140,7 @@ class InnerLoop(nn.Module):
             params = {k: v.detach() for k, v in params.items()}
 
         def predict(query: Examples) -> torch.Tensor:
-            return self.scores(encoder, query, params)
+            return self.head.scores(encoder, query, params)
 
         return Adapted(params, float(loss.detach()), predict)
 
@@ -218,7 +164,7 @@ class InnerLoop(nn.Module):
         def run(inputs: dict[str, torch.Tensor], create_graph: bool):
             adapted = {k: inputs[k] for k in params}
             weights = adapted | {k: v for k, v in inputs.items() if k.startswith("model.")}
-            loss = F.cross_entropy(self.scores(encoder, support, weights, vocab), labels)
+            loss = F.cross_entropy(self.head.scores(encoder, support, weights, vocab), labels)
             new_state = {k: inputs[k] for k in state}
             rates = inputs.get("lrs", self.lrs)
             new = self.update(adapted, loss, step, True, create_graph, new_state, rates)
@@ -226,30 +172,6 @@ class InnerLoop(nn.Module):
 
         out, loss = checkpointed_step(run, params | state | fixed)
         return {k: out[k] for k in params}, {k: v for k, v in out.items() if k not in params}, loss
-
-    def scores(
-        self, encoder: Encoder, examples: Examples, params: dict, vocab: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """[examples, way] logits: the linear head over (adapted) features, or the verbalizer's
-        label scores under the adapted decoder weights."""
-        if self.verbalizer is not None:
-            return self.verbalizer(examples, self.encoder_params(params))
-        return self.logits(self.features(encoder, examples, params, vocab), params)
-
-    @staticmethod
-    def encoder_params(params: dict) -> dict[str, torch.Tensor]:
-        return {k.removeprefix("model."): v for k, v in params.items() if k.startswith("model.")}
-
-    def features(
-        self, encoder: Encoder, examples: Examples, params: dict, vocab: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        if not self.names:
-            return encoder(examples.ids)  # head-only: the encoder's own features (cacheable)
-        return encoder(examples.ids, params=self.encoder_params(params), vocab=vocab)
-
-    @staticmethod
-    def logits(feats: torch.Tensor, params: dict) -> torch.Tensor:
-        return F.linear(upcast(feats), params["head.weight"], params["head.bias"])
 
     def update(
         self, params: dict, loss: torch.Tensor, step: int, track: bool, create_graph: bool,

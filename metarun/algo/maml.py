@@ -11,41 +11,29 @@ import contextlib
 from metarun.algo.base import Algorithm, Predictor
 from metarun.algo.inner import build_inner_loop
 from metarun.backbone import Encoder, second_order_attention
+from metarun.config import MAMLConfig
 from metarun.errors import MetarunError
 from metarun.task import Examples, TaskData
-
-BACKENDS = ("func", "higher")
 
 
 class MAML(Algorithm):
     family = "gradient"
+    config = MAMLConfig
 
-    def __init__(
-        self, encoder: Encoder, way: int, adapt: str, top_k: int, inner_steps: int,
-        eval_inner_steps: int, inner_lr: float | None, head_init: str, inner_optimizer: str,
-        lora_r: int, lora_alpha: int, first_order: bool, learn_inner_lr: bool,
-        reuse_features: bool, backend: str, checkpoint_inner_steps: bool, head: str,
-        instruction: str, template: str, separator: str, score: str,
-    ) -> None:  # fmt: skip
+    def __init__(self, encoder: Encoder, way: int, cfg: MAMLConfig) -> None:
         super().__init__(encoder, way)
-        if backend not in BACKENDS:
-            raise MetarunError(f"algo.backend={backend}; use one of {', '.join(BACKENDS)}")
-        self.inner = build_inner_loop(
-            encoder, way, adapt, top_k, inner_steps, eval_inner_steps, inner_lr, learn_inner_lr,
-            head_init, inner_optimizer, (lora_r, lora_alpha), head,
-            (instruction, template, separator, score),
-        )  # fmt: skip
-        self.first_order, self.backend = first_order, backend
-        if checkpoint_inner_steps and (first_order or backend != "func"):
+        self.inner = build_inner_loop(encoder, way, cfg, learn_lr=cfg.learn_inner_lr)
+        self.first_order, self.backend = cfg.first_order, cfg.backend
+        if cfg.checkpoint_inner_steps and (cfg.first_order or cfg.backend != "func"):
             raise MetarunError(
                 "algo.checkpoint_inner_steps=true needs second order through algo.backend=func "
                 "(algo.first_order=false): first order keeps no inner graph to checkpoint"
             )
-        self.checkpoint = checkpoint_inner_steps
-        self.reuse_features = reuse_features
+        self.checkpoint = cfg.checkpoint_inner_steps
+        self.reuse_features = cfg.reuse_features
         # Head-only adaptation reads the unadapted encoder's features: evaluation may cache them.
-        self.feature_cache = not self.inner.adapts_encoder and reuse_features
-        if backend == "higher":
+        self.feature_cache = not self.inner.adapts_encoder and cfg.reuse_features
+        if cfg.backend == "higher":
             from metarun.algo.higher_backend import check_supported
 
             check_supported(self)

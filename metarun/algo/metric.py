@@ -13,10 +13,9 @@ from torch import nn
 from metarun.algo.base import Algorithm, Predictor, fresh_module_groups, register_log_scalar, upcast
 from metarun.algo.protonet import prototypes
 from metarun.backbone import Encoder
+from metarun.config import MatchingNetConfig, RelationNetConfig
 from metarun.errors import MetarunError
 from metarun.task import Examples
-
-RELATION_LOSSES = ("mse", "ce")
 
 
 class RelationNet(Algorithm):
@@ -29,15 +28,11 @@ class RelationNet(Algorithm):
 
     family = "metric"
 
-    def __init__(self, encoder: Encoder, way: int, hidden: int, loss: str, head_lr: float) -> None:
+    config = RelationNetConfig
+
+    def __init__(self, encoder: Encoder, way: int, cfg: RelationNetConfig) -> None:
         super().__init__(encoder, way)
-        self.head_lr = head_lr
-        if loss not in RELATION_LOSSES:
-            raise MetarunError(f"algo.loss={loss}; use one of {', '.join(RELATION_LOSSES)}")
-        if hidden < 1:
-            raise MetarunError(f"algo.hidden={hidden} must be positive")
-        self.loss = loss
-        dim = encoder.dim
+        self.head_lr, self.loss, dim, hidden = cfg.head_lr, cfg.loss, encoder.dim, cfg.hidden
         self.relation = nn.Sequential(nn.Linear(2 * dim, hidden), nn.ReLU(), nn.Linear(hidden, 1))
 
     def adapt(self, support: Examples, way: int) -> Predictor:
@@ -69,14 +64,15 @@ class MatchingNet(Algorithm):
 
     family = "metric"
 
-    def __init__(
-        self, encoder: Encoder, way: int, temperature: float, learn_temperature: bool, fce: bool,
-        head_lr: float,
-    ) -> None:  # fmt: skip
+    config = MatchingNetConfig
+
+    def __init__(self, encoder: Encoder, way: int, cfg: MatchingNetConfig) -> None:
         super().__init__(encoder, way)
-        self.head_lr = head_lr
-        register_log_scalar(self, "log_temperature", temperature, learn_temperature, "temperature")
+        self.head_lr = cfg.head_lr
+        register_log_scalar(self, "log_temperature", cfg.temperature, cfg.learn_temperature,
+                            "temperature")  # fmt: skip
         dim = encoder.dim
+        fce = cfg.fce
         self.fce = nn.LSTM(dim, dim // 2, bidirectional=True, batch_first=True) if fce else None
         if self.fce is not None and dim % 2:
             raise MetarunError(f"algo.fce needs an even embedding size, not {dim}")

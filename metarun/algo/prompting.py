@@ -21,12 +21,13 @@ import torch
 
 from metarun.algo.base import upcast
 from metarun.backbone import Encoder
+from metarun.config import PromptFields
 from metarun.errors import MetarunError
 from metarun.packing import attention_mask, pack_rows
 from metarun.task import Examples
 from metarun.task.data import episode_label_names
 
-SCORES = ("sum", "mean")
+DECODERS = "a decoder backbone (backbone=smollm2 offline, gpt2, qwen2.5-0.5b, llama-3.2-1b)"
 
 
 class PromptFormat:
@@ -165,9 +166,13 @@ class PromptScorer:
     """Summed log-probabilities of every leaf of prompt trees under a decoder (optionally with
     adapted weights), in (tree, stem, leaf) order."""
 
-    def __init__(self, encoder: Encoder, max_tokens: int = 4096) -> None:
+    def __init__(self, encoder: Encoder, user: str, max_tokens: int = 4096) -> None:
+        """`user`: what scores prompts (named in the one error an encoder backbone gets)."""
         if not encoder.causal_lm:
-            raise MetarunError(f"prompt scoring needs a decoder backbone, not {encoder.name}")
+            raise MetarunError(
+                f"{user} scores label names with a decoder's LM head, and {encoder.name} is an "
+                f"encoder; choose {DECODERS}"
+            )
         self.encoder, self.max_tokens = encoder, max_tokens
         config = encoder.model.config
         self.max_positions = getattr(config, "n_positions", None) or getattr(
@@ -233,14 +238,8 @@ class PromptScorer:
         return token_lp, torch.tensor(lay.owner, device=device)
 
 
-def check_score(score: str) -> None:
-    if score not in SCORES:
-        raise MetarunError(f"algo.score={score}; use one of {', '.join(SCORES)}")
-
-
 def label_scores(sums: torch.Tensor, counts: torch.Tensor, score: str) -> torch.Tensor:
     """A label's score from its tokens: their summed or mean log-probability."""
-    check_score(score)
     return sums / counts if score == "mean" else sums
 
 
@@ -275,14 +274,10 @@ class Verbalizer:
     each label name after the instruction and the text (as zero-shot prompting reads them), so
     adapting the decoder's weights on the support set adapts the classifier."""
 
-    def __init__(
-        self, encoder: Encoder, instruction: str, template: str, separator: str, score: str,
-        per_tree: int = 32,
-    ) -> None:  # fmt: skip
-        check_score(score)
-        self.encoder, self.score, self.per_tree = encoder, score, per_tree
-        self.format = PromptFormat(instruction, template, separator)
-        self.scorer = PromptScorer(encoder)
+    def __init__(self, encoder: Encoder, prompt: PromptFields, user: str, per_tree: int = 32):
+        self.encoder, self.score, self.per_tree = encoder, prompt.score, per_tree
+        self.scorer = PromptScorer(encoder, user)
+        self.format = PromptFormat(prompt.instruction, prompt.template, prompt.separator)
         self.label_names: dict[str, str] = {}
 
     def __call__(self, examples: Examples, params: dict | None = None) -> torch.Tensor:

@@ -8,11 +8,10 @@ import torch.nn.functional as F
 from metarun.algo.base import Algorithm, Predictor, register_log_scalar, upcast
 from metarun.algo.logreg import fit_logistic
 from metarun.backbone import Encoder
+from metarun.config import ProtoNetConfig
 from metarun.errors import MetarunError
 from metarun.task import Examples
 
-METRICS = ("euclidean", "cosine")
-EVAL_HEADS = ("prototypes", "logreg")
 LOGREG_ITERATIONS = 100  # L-BFGS iterations, as algo=frozen's default
 
 
@@ -34,29 +33,17 @@ def metric_logits(queries: torch.Tensor, protos: torch.Tensor, metric: str) -> t
 
 class ProtoNet(Algorithm):
     family = "metric"
+    config = ProtoNetConfig
 
-    def __init__(
-        self,
-        encoder: Encoder,
-        way: int,
-        metric: str,
-        temperature: float,
-        learn_temperature: bool,
-        eval_head: str = "prototypes",
-        c: float = 1.0,
-        transductive_steps: int = 0,
-    ) -> None:
+    def __init__(self, encoder: Encoder, way: int, cfg: ProtoNetConfig) -> None:
         super().__init__(encoder, way)
-        if metric not in METRICS:
-            raise MetarunError(f"algo.metric={metric}; use one of {', '.join(METRICS)}")
-        if eval_head not in EVAL_HEADS:
-            raise MetarunError(f"algo.eval_head={eval_head}; use one of {', '.join(EVAL_HEADS)}")
-        if transductive_steps and eval_head != "prototypes":
-            raise MetarunError(f"algo.transductive_steps={transductive_steps} refines prototypes; "
-                               "use it with algo.eval_head=prototypes")  # fmt: skip
-        self.metric, self.eval_head, self.c = metric, eval_head, c
-        self.transductive_steps = transductive_steps
-        register_log_scalar(self, "log_temperature", temperature, learn_temperature, "temperature")
+        if cfg.transductive_steps and cfg.eval_head != "prototypes":
+            raise MetarunError(f"algo.transductive_steps={cfg.transductive_steps} refines "
+                               "prototypes; use it with algo.eval_head=prototypes")  # fmt: skip
+        self.metric, self.eval_head, self.c = cfg.metric, cfg.eval_head, cfg.c
+        self.transductive_steps = cfg.transductive_steps
+        register_log_scalar(self, "log_temperature", cfg.temperature, cfg.learn_temperature,
+                            "temperature")  # fmt: skip
 
     def adapt(self, support: Examples, way: int) -> Predictor:
         if self.eval_head == "logreg" and not self.training:

@@ -14,24 +14,17 @@ import torch
 from metarun.algo.base import Algorithm, Predictor
 from metarun.algo.inner import build_inner_loop
 from metarun.backbone import Encoder
+from metarun.config import ReptileConfig
 from metarun.task import Episode, Examples, TaskData
 
 
 class Reptile(Algorithm):
     family = "gradient"
+    config = ReptileConfig
 
-    def __init__(
-        self, encoder: Encoder, way: int, adapt: str, top_k: int, inner_steps: int,
-        eval_inner_steps: int, inner_lr: float | None, head_init: str, inner_optimizer: str,
-        lora_r: int, lora_alpha: int, head: str, instruction: str, template: str,
-        separator: str, score: str,
-    ) -> None:  # fmt: skip
+    def __init__(self, encoder: Encoder, way: int, cfg: ReptileConfig) -> None:
         super().__init__(encoder, way)
-        self.inner = build_inner_loop(
-            encoder, way, adapt, top_k, inner_steps, eval_inner_steps, inner_lr, False,
-            head_init, inner_optimizer, (lora_r, lora_alpha), head,
-            (instruction, template, separator, score),
-        )  # fmt: skip
+        self.inner = build_inner_loop(encoder, way, cfg)
         self.feature_cache = not self.inner.adapts_encoder
 
     def prepare(self, data: TaskData) -> None:
@@ -42,7 +35,7 @@ class Reptile(Algorithm):
         if name.startswith("model."):
             param = self.encoder.model.get_parameter(name.removeprefix("model."))
         else:
-            param = getattr(self.inner, name.replace(".", "_"), None)  # learned head only
+            param = self.inner.head.initial(name)  # a meta-learned head init, if any
         return param if isinstance(param, torch.nn.Parameter) and param.requires_grad else None
 
     def adapt(self, support: Examples, way: int) -> Predictor:

@@ -13,7 +13,7 @@ from torch import nn
 
 from metarun.algo.base import Algorithm, Predictor, register_log_scalar, upcast
 from metarun.backbone import Encoder
-from metarun.errors import MetarunError
+from metarun.config import RidgeConfig
 from metarun.task import Examples
 
 
@@ -30,15 +30,13 @@ def ridge_solve(x: torch.Tensor, y: torch.Tensor, lam: torch.Tensor) -> torch.Te
 class RidgeHead(Algorithm):
     family = "closed-form"
 
-    def __init__(
-        self, encoder: Encoder, way: int, lam: float, learn_lambda: bool, scale: float
-    ) -> None:
+    config = RidgeConfig
+
+    def __init__(self, encoder: Encoder, way: int, cfg: RidgeConfig) -> None:
         super().__init__(encoder, way)
-        if scale <= 0:
-            raise MetarunError(f"algo.scale={scale} must be positive")
-        register_log_scalar(self, "log_lambda", lam, learn_lambda, "lam")
+        register_log_scalar(self, "log_lambda", cfg.lam, cfg.learn_lambda, "lam")
         # R2D2's learnable output calibration: regression targets are 0/1, logits need a scale.
-        self.scale = nn.Parameter(torch.tensor(float(scale)))
+        self.scale = nn.Parameter(torch.tensor(float(cfg.scale)))
         self.bias = nn.Parameter(torch.tensor(0.0))
 
     @staticmethod
