@@ -210,7 +210,7 @@ def reference_cell(overrides: list[str], warmup: int, steps: int) -> dict[str, A
     ref = ReferenceMAML(net, encoder.tokenizer, encoder.max_length, cfg.algo.inner_steps,
                         inner_rate(cfg.algo.inner_lr, "all", 1e-3), typed.train.lr,
                         typed.train.grad_clip)  # fmt: skip
-    texts = encoder.texts
+    texts = encoder.table.texts
     episodes = [
         ((([texts[i] for i in ep.support.ids], ep.support.labels)),
          ([texts[i] for i in ep.query.ids], ep.query.labels))
@@ -246,7 +246,7 @@ def eval_cell(overrides: list[str], episodes: int, uncached: int) -> dict[str, A
     pass over their distinct texts (length-sorted batches, the fastest plain pass)."""
     device, autocast, encoder, algo, test = build_for_eval(overrides, episodes)
     ids = torch.unique(torch.cat([ep.text_ids() for ep in test]))
-    ids = ids[torch.argsort(encoder.lengths[ids.to(encoder.lengths.device)].cpu())]
+    ids = ids[torch.argsort(encoder.table.lengths[ids.to(encoder.table.lengths.device)].cpu())]
     with torch.no_grad(), autocast():
         encoder(ids[:8])  # warm-up of kernels and allocator
         sync(device)
@@ -272,7 +272,7 @@ def eval_cell(overrides: list[str], episodes: int, uncached: int) -> dict[str, A
 
 def icl_cell(overrides: list[str], episodes: int, unshared: int) -> dict[str, Any]:
     """In-context learning's test episodes per second with the demonstrations shared by every
-    query and each query by every label (algo/prompting.py), against each (query, label)
+    query and each query by every label (backbone/prompts.py), against each (query, label)
     sequence scored alone on the first `unshared` of the same episodes; their scores agree."""
     device, autocast, encoder, algo, test = build_for_eval(overrides, episodes)
     out: dict[str, Any] = {"device": str(device), "params": parameter_count(encoder)}

@@ -51,6 +51,7 @@ LIMITS: dict[str, Limit | list[Limit]] = {
     "train.contrastive_temperature": (0, ABOVE),
     "backbone.max_length": (8, AT_LEAST),  # below it a text is a few word pieces
     "backbone.top_k": (1, AT_LEAST),
+    "backbone.length_buckets": (0, AT_LEAST),
     "hardware.threads": (0, AT_LEAST),
     "algo.inner_steps": (1, AT_LEAST),  # zero steps is no adaptation: use algo=protonet/frozen
     "algo.eval_inner_steps": (1, AT_LEAST),

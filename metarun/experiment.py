@@ -393,7 +393,7 @@ def finish(
 
 def check_truncation(encoder: Encoder, max_length: int) -> float:
     """The fraction of the task's texts cut at backbone.max_length; a warning past 5%."""
-    fraction = encoder.truncated_fraction
+    fraction = encoder.table.truncated_fraction
     if fraction > TRUNCATION_WARNING:
         log.warning("backbone.max_length=%d cuts %.0f%% of the texts; raise it if accuracy "
                     "matters more than speed", max_length, 100 * fraction)  # fmt: skip

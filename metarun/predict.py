@@ -36,7 +36,7 @@ from metarun.config import MetarunConfig, register_configs
 from metarun.errors import MetarunError
 from metarun.reuse import load_trained, source_config
 from metarun.task import Examples, TaskData
-from metarun.task.data import readable
+from metarun.task.labels import readable
 from metarun.task.rows import ColumnKeys, as_text, group_rows, read_rows
 
 log = logging.getLogger("metarun")

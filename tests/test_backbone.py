@@ -31,10 +31,10 @@ def test_cls_and_mean_pooling_differ(tiny_encoder):
 
 def test_tokenised_once_and_truncated(tiny_encoder):
     tiny_encoder.set_texts(TEXTS * 3)
-    assert tiny_encoder.tokens.shape[0] == 9
-    assert int(tiny_encoder.lengths.max()) <= tiny_encoder.max_length
-    batch = tiny_encoder.batch(torch.tensor([0, 2]))
-    assert batch["input_ids"].shape[1] == int(tiny_encoder.lengths[[0, 2]].max())
+    assert tiny_encoder.table.tokens.shape[0] == 9
+    assert int(tiny_encoder.table.lengths.max()) <= tiny_encoder.max_length
+    batch = tiny_encoder.table.batch(torch.tensor([0, 2]))
+    assert batch["input_ids"].shape[1] == int(tiny_encoder.table.lengths[[0, 2]].max())
 
 
 def test_truncated_fraction_counts_exactly_the_texts_cut(tiny_encoder):
@@ -43,7 +43,7 @@ def test_truncated_fraction_counts_exactly_the_texts_cut(tiny_encoder):
     tiny_encoder.set_texts(words)
     full = tiny_encoder.tokenizer(words, return_length=True)["length"]  # untruncated reference
     assert full[1] == limit  # [CLS] + limit-2 words + [SEP]: fills max_length, is not cut
-    assert tiny_encoder.truncated_fraction == sum(n > limit for n in full) / len(words) == 0.6
+    assert tiny_encoder.table.truncated_fraction == sum(n > limit for n in full) / len(words) == 0.6
 
 
 def test_functional_params_override_without_touching_the_module(tiny_encoder):
@@ -71,7 +71,7 @@ def test_cache_matches_direct_encoding_and_is_bypassed_by_params(tiny_encoder):
         with pytest.raises(RuntimeError, match="outside the evaluation cache"):
             tiny_encoder(torch.tensor([1]))
         tiny_encoder(torch.tensor([1]), params={name: weight})  # adapted calls are computed
-    assert tiny_encoder._cache is None
+    assert tiny_encoder.cache.values is None
 
 
 def test_top_k_trains_only_the_last_layers(tiny_encoder):
@@ -126,39 +126,36 @@ def test_length_groups_give_the_same_embeddings_in_the_callers_order(tiny_encode
     order, gradients included."""
     tiny_encoder.set_texts(_mixed_lengths(24))
     tiny_encoder.eval()
-    tiny_encoder.pack_start = None  # groups are for models that cannot be packed
+    tiny_encoder.table.pack_start = None  # groups are for models that cannot be packed
     ids = torch.randperm(24)
-    tiny_encoder.length_buckets = 1
+    tiny_encoder.table.length_buckets = 1
     whole = tiny_encoder(ids)
-    tiny_encoder.length_buckets = 3
-    groups = tiny_encoder.length_groups(ids)
+    tiny_encoder.table.length_buckets = 3
+    groups = tiny_encoder.table.length_groups(ids)
     assert len(groups) == 3 and sorted(torch.cat(groups).tolist()) == list(range(24))
-    widths = [int(tiny_encoder.lengths[ids[g]].max()) for g in groups]
+    widths = [int(tiny_encoder.table.lengths[ids[g]].max()) for g in groups]
     assert widths == sorted(widths) and widths[0] < widths[-1]  # short texts pad less
     grouped = tiny_encoder(ids)
     assert torch.allclose(whole, grouped, atol=1e-5)
     weight = next(p for n, p in tiny_encoder.model.named_parameters() if "dense.weight" in n)
     grads = []
     for buckets in (1, 3):
-        tiny_encoder.length_buckets = buckets
+        tiny_encoder.table.length_buckets = buckets
         (g,) = torch.autograd.grad(tiny_encoder(ids).pow(2).sum(), weight)
         grads.append(g)
     assert torch.allclose(*grads, atol=1e-5)
-    assert len(tiny_encoder.length_groups(ids[:10])) == 1  # groups keep at least 8 texts
+    assert len(tiny_encoder.table.length_groups(ids[:10])) == 1  # groups keep at least 8 texts
 
 
 def test_automatic_length_groups_only_for_models_wide_enough_to_gain(tiny_encoder):
     """Grouping pays on CPU for wide models (fewer padded FLOPs); a narrow model is overhead-
     bound and a GPU is launch-bound, so there the automatic choice is one group."""
     tiny_encoder.set_texts(_mixed_lengths(24))
-    tiny_encoder.length_buckets = 0
+    tiny_encoder.table.length_buckets = 0
     ids = torch.arange(24)
-    assert tiny_encoder.dim < 256 and len(tiny_encoder.length_groups(ids)) == 1
-    tiny_encoder.model.config.hidden_size = 384  # only the width decides
-    try:
-        assert len(tiny_encoder.length_groups(ids)) == 2
-    finally:
-        tiny_encoder.model.config.hidden_size = 32
+    assert tiny_encoder.dim < 256 and len(tiny_encoder.table.length_groups(ids)) == 1
+    tiny_encoder.table.dim = 384  # only the width decides
+    assert len(tiny_encoder.table.length_groups(ids)) == 2
 
 
 def test_episode_vocabulary_table_gives_the_full_tables_embeddings(tiny_encoder):

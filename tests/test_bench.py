@@ -36,7 +36,7 @@ def test_reference_higher_loop_computes_metaruns_second_order_maml(compose_cfg, 
         head.bias.copy_(algo.inner.head_bias)
     ref = ReferenceMAML(EncoderClassifier(encoder.model, head), encoder.tokenizer,
                         encoder.max_length, 2, 0.25, 1e-3, 0.0)  # fmt: skip
-    texts = encoder.texts
+    texts = encoder.table.texts
     ref_loss = ref.episode_loss(([texts[i] for i in ep.support.ids], ep.support.labels),
                                 ([texts[i] for i in ep.query.ids], ep.query.labels))  # fmt: skip
     ref_loss.backward()

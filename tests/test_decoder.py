@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from metarun.algo import build_algorithm
 from metarun.algo.heads import VerbalizerHead
 from metarun.backbone import load_backbone
+from metarun.checks import check_config
 from metarun.config import package_dir
 from metarun.errors import MetarunError
 from metarun.task import fixed_episodes
@@ -115,7 +116,7 @@ def test_every_feature_algorithm_reads_pooled_decoder_features(make, episodes):
 ])  # fmt: skip
 def test_a_pooling_that_does_not_fit_the_backbone_is_one_error(compose_cfg, overrides, message):
     with pytest.raises(MetarunError, match=message):
-        load_backbone(OmegaConf.to_object(compose_cfg(*overrides)).backbone)
+        check_config(compose_cfg(*overrides))  # before any weights load
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

@@ -8,8 +8,8 @@ import torch
 from omegaconf import OmegaConf
 
 from metarun.algo import build_algorithm
-from metarun.algo.prompting import PromptFormat, PromptScorer, Tree
 from metarun.backbone import load_backbone
+from metarun.backbone.prompts import PromptFormat, PromptScorer, Tree
 from metarun.errors import MetarunError
 from metarun.task import fixed_episodes
 
@@ -68,7 +68,7 @@ def test_shared_prefix_scores_equal_each_sequence_scored_alone(icl, episode, bac
     assert len(contexts) == len(episode.query)
     demos, query = algo.format.parse(contexts[0], names)
     assert len(demos) == len(episode.support) and {lab for _, lab in demos} == set(names)
-    assert query == algo.format.clean(algo.encoder.texts[int(episode.query.ids[0])])
+    assert query == algo.format.clean(algo.encoder.table.texts[int(episode.query.ids[0])])
     with torch.no_grad():
         shared = algo.adapt(episode.support, 3)(episode.query)
         algo.shared_prefix = False

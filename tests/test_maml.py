@@ -300,7 +300,7 @@ def test_checkpointed_inner_steps_replay_dropout_and_keep_less(compose_cfg, synt
 def test_packed_texts_give_the_padded_second_order_meta_gradient(make, episodes):
     padded = meta_grads(make("algo=maml", "algo.inner_lr=0.3", dtype=torch.float64), episodes)
     packed = make("algo=maml", "algo.inner_lr=0.3", "backbone.packing=always", dtype=torch.float64)
-    assert packed.encoder.packs()
+    assert packed.encoder.table.packs()
     assert_same(padded, meta_grads(packed, episodes), atol=1e-10)
 
 

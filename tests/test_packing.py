@@ -8,8 +8,9 @@ import torch
 from omegaconf import OmegaConf
 
 from metarun.backbone import load_backbone, second_order_attention
+from metarun.backbone.packing import pack_rows
+from metarun.checks import check_config
 from metarun.errors import MetarunError
-from metarun.packing import pack_rows
 
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
 TEXTS = [" ".join(WORDS[: 1 + (i * 3) % len(WORDS)]) for i in range(20)]
@@ -24,11 +25,11 @@ def _encoder(compose_cfg, *overrides: str, backbone: str = "tiny"):
 
 
 def _padded(encoder, ids, **kw):
-    encoder.packing, encoder.length_buckets = "never", 1
+    encoder.table.packing, encoder.table.length_buckets = "never", 1
     try:
         return encoder(ids, **kw)
     finally:
-        encoder.packing = "always"
+        encoder.table.packing = "always"
 
 
 def test_rows_hold_every_text_once_within_capacity():
@@ -67,10 +68,10 @@ CASES = [(a, p) for a in ARCHS for p in ("mean", "cls")] + [
 def test_packed_equals_padded_with_gradients(compose_cfg, arch, pooling):
     backbone, overrides = DECODER_ARCHS.get(arch, ("tiny", ARCHS.get(arch)))
     enc = _encoder(compose_cfg, f"backbone.pooling={pooling}", *overrides, backbone=backbone)
-    assert enc.packs(), f"{arch} should pack"
+    assert enc.table.packs(), f"{arch} should pack"
     ids = torch.randperm(len(TEXTS))
-    packed = enc.packed(ids)
-    padded_slots = len(ids) * int(enc.lengths[ids].max())
+    packed = enc.table.packed(ids, enc.additive_mask_dtype())
+    padded_slots = len(ids) * int(enc.table.lengths[ids].max())
     assert packed.inputs["input_ids"].numel() < 0.7 * padded_slots  # the padding is gone
     weights = [p for n, p in enc.model.named_parameters() if "weight" in n and p.dim() == 2]
     out_packed, out_padded = enc(ids), _padded(enc, ids)
@@ -90,7 +91,7 @@ def test_packed_second_order_gradient_equals_padded(tiny_encoder):
     constant: a gradient of a gradient is the padded one."""
     tiny_encoder.set_texts(TEXTS)
     tiny_encoder.eval()
-    tiny_encoder.packing = "always"
+    tiny_encoder.table.packing = "always"
     ids = torch.arange(12)
     weight = tiny_encoder.model.get_parameter("encoder.layer.0.attention.self.query.weight")
 
@@ -109,7 +110,7 @@ def test_packed_second_order_gradient_equals_padded(tiny_encoder):
 def test_packed_with_an_episode_vocabulary_table(tiny_encoder):
     tiny_encoder.set_texts(TEXTS)
     tiny_encoder.eval()
-    tiny_encoder.packing = "always"
+    tiny_encoder.table.packing = "always"
     ids = torch.tensor([3, 0, 7, 11])
     vocab = tiny_encoder.local_vocab(ids)
     name = "embeddings.word_embeddings.weight"
@@ -121,17 +122,14 @@ def test_packed_with_an_episode_vocabulary_table(tiny_encoder):
 def test_packing_auto_only_where_it_pays(compose_cfg, tiny_encoder):
     """auto packs on CPU for models at least 256 wide; a narrow model is bound by per-operator
     overhead, which packing adds to (the tiny BERT's MAML ran 1.5x slower packed)."""
-    assert tiny_encoder.packing == "auto" and tiny_encoder.pack_start == 0
-    assert not tiny_encoder.packs()
-    tiny_encoder.model.config.hidden_size = 384  # only the width decides
-    try:
-        assert tiny_encoder.packs()
-        tiny_encoder.packing = "never"
-        assert not tiny_encoder.packs()
-    finally:
-        tiny_encoder.model.config.hidden_size = 32
+    assert tiny_encoder.table.packing == "auto" and tiny_encoder.table.pack_start == 0
+    assert not tiny_encoder.table.packs()
+    tiny_encoder.table.dim = 384  # only the width decides
+    assert tiny_encoder.table.packs()
+    tiny_encoder.table.packing = "never"
+    assert not tiny_encoder.table.packs()
     cfg = compose_cfg("backbone=tiny-gpt2")
-    assert load_backbone(OmegaConf.to_object(cfg).backbone).pack_start == 0
+    assert load_backbone(OmegaConf.to_object(cfg).backbone).table.pack_start == 0
 
 
 @pytest.mark.parametrize(
@@ -145,5 +143,7 @@ def test_packing_auto_only_where_it_pays(compose_cfg, tiny_encoder):
     ],
 )
 def test_bad_packing_is_one_clear_error(compose_cfg, overrides, message):
+    cfg = compose_cfg(*overrides)
     with pytest.raises(MetarunError, match=message):
-        load_backbone(OmegaConf.to_object(compose_cfg(*overrides)).backbone)
+        check_config(cfg)  # a value outside the choices: before anything loads
+        load_backbone(OmegaConf.to_object(cfg).backbone)  # a model that cannot pack

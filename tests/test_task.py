@@ -12,7 +12,8 @@ import torch
 from metarun.config import TaskConfig
 from metarun.errors import MetarunError
 from metarun.task import EpisodeSampler, check_feasible, fixed_episodes, load_task
-from metarun.task.data import readable, seeded_class_split
+from metarun.task.data import seeded_class_split
+from metarun.task.labels import readable
 from tests.conftest import synthetic_rows
 
 

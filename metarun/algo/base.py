@@ -21,17 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from metarun.backbone import Encoder
+from metarun.backbone import Encoder, upcast
 from metarun.errors import MetarunError
 from metarun.task import Episode, Examples, TaskData
 
 Predictor = Callable[[Examples], torch.Tensor]
-LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-def upcast(t: torch.Tensor) -> torch.Tensor:
-    """Losses and heads in at least float32; float64 stays float64 (gradient checks)."""
-    return t.float() if t.dtype in LOW_PRECISION else t
 
 
 class Algorithm(nn.Module):

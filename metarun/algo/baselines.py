@@ -37,7 +37,7 @@ from metarun.config import (
 )
 from metarun.errors import MetarunError
 from metarun.task import Episode, Examples, TaskData
-from metarun.task.data import episode_label_names
+from metarun.task.labels import episode_label_names
 
 
 def per_episode_fit(cfg: FineTuneConfig) -> InnerLoopFields:

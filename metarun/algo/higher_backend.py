@@ -49,7 +49,7 @@ def adapt_with_higher(
     refs = [p for n, p in net.named_parameters() if n in adapted]
     # One group per tensor so each has its own rate, as in the functional loop.
     opt = torch.optim.SGD([{"params": [p]} for p in refs], lr=float(inner.lrs[0, 0]))
-    labels = support.labels.to(encoder.tokens.device)
+    labels = support.labels.to(encoder.device)
     with torch.enable_grad():
         feats0 = encoder(support.ids) if inner.head.init == "proto" else None
         weight, bias = inner.head.init_weights(feats0, labels, way, inner.lrs)

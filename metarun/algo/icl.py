@@ -6,7 +6,7 @@ name is scored as its continuation (summed or mean token log-probability). The h
 label is the prediction. Without demonstrations (`algo=prompt`) this is zero-shot prompting, the
 verbalizer head before any adaptation. MetaICL trains the decoder on meta-train episodes
 formatted the same way, with the language-model loss on the correct label's tokens. Scoring
-shares the demonstrations between queries and each query between labels (algo/prompting.py).
+shares the demonstrations between queries and each query between labels (backbone/prompts.py).
 """
 
 from __future__ import annotations
@@ -16,18 +16,17 @@ from collections.abc import Sequence
 import torch
 
 from metarun.algo.base import Algorithm, Predictor, freeze
-from metarun.algo.prompting import (
+from metarun.backbone import Encoder
+from metarun.backbone.prompts import (
     PromptFormat,
     PromptScorer,
     Tree,
     chunks,
     score_matrix,
-    task_text,
 )
-from metarun.backbone import Encoder
 from metarun.config import ICLConfig
 from metarun.task import Episode, Examples, TaskData
-from metarun.task.data import episode_label_names
+from metarun.task.labels import episode_label_names
 
 
 class InContext(Algorithm):
@@ -49,7 +48,7 @@ class InContext(Algorithm):
         self.label_names = dict(data.label_names)
 
     def text(self, text_id: int) -> str:
-        return task_text(self.encoder, text_id)
+        return self.encoder.table.text(text_id)
 
     def names(self, classes: tuple[str, ...]) -> list[str]:
         return episode_label_names(self.label_names, classes, "in-context learning")

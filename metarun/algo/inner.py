@@ -117,7 +117,7 @@ class InnerLoop(nn.Module):
         with torch.enable_grad():
             vocab = encoder.local_vocab(support.ids) if self.table else None
             params, table = self.start(encoder, track, vocab)
-            labels = support.labels.to(encoder.tokens.device)
+            labels = support.labels.to(encoder.device)
             head, feats0 = self.head.start(encoder, support, way, track, bool(self.names), self.lrs)
             params |= head
             # Head only: every step reads the unadapted features of step 0 (unless `recompute`)

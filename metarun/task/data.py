@@ -17,6 +17,7 @@ import numpy as np
 from metarun.config import TaskConfig
 from metarun.errors import MetarunError
 from metarun.task import sources
+from metarun.task.labels import readable, warn_case_only_labels
 from metarun.task.rows import FILE_TYPES
 
 log = logging.getLogger(__name__)
@@ -58,20 +59,6 @@ def content_fingerprint(by_label: dict[str, list[str]]) -> str:
     two runs read the same data exactly when theirs agree, whatever the files were called
     (metarun-report groups runs by it; resume refuses other data)."""
     return _digest([[label, sorted(by_label[label])] for label in sorted(by_label)])
-
-
-def warn_case_only_labels(labels: list[str]) -> list[tuple[str, ...]]:
-    """Labels equal but for case ("Food" and "food") are two classes: say so, naming them."""
-    by_key: dict[str, list[str]] = {}
-    for label in labels:
-        by_key.setdefault(label.casefold(), []).append(label)
-    groups = [tuple(sorted(g)) for g in by_key.values() if len(g) > 1]
-    if groups:
-        shown = "; ".join(" / ".join(g) for g in groups[:5])
-        log.warning("%d groups of labels differ only in case and are separate classes: %s%s; "
-                    "if each group is one class, give its rows one spelling", len(groups), shown,
-                    "; ..." if len(groups) > 5 else "")  # fmt: skip
-    return groups
 
 
 def seeded_class_split(labels: list[str], fractions: list[float], seed: int) -> dict[str, list]:
@@ -127,20 +114,6 @@ def _read(cfg: TaskConfig) -> tuple[dict[str, list[str]], dict[str, list] | None
         raise MetarunError(f"task.path={cfg.path} does not exist; give an existing file or folder")
     by_label, counts = sources.read_hub(cfg.path, cfg.hub_config, *columns, cfg.on_invalid_rows)
     return by_label, None, {}, counts.as_dict()
-
-
-def readable(label: str) -> str:
-    """`card_payment_wrong_exchange_rate` -> `card payment wrong exchange rate`."""
-    return label.replace("_", " ").replace("-", " ").strip()
-
-
-def episode_label_names(
-    label_names: dict[str, str], classes: tuple[str, ...], who: str
-) -> list[str]:
-    """Readable names of an episode's classes, in label order (for label-name methods)."""
-    if not classes:
-        raise MetarunError(f"{who} needs the episode's class names")
-    return [label_names.get(c) or readable(c) for c in classes]
 
 
 def load_task(cfg: TaskConfig) -> TaskData:

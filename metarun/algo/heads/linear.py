@@ -67,7 +67,7 @@ class LinearHead(nn.Module):
         if not adapts_encoder or self.init == "proto":
             with torch.set_grad_enabled(track):
                 feats = encoder(support.ids)
-        labels = support.labels.to(encoder.tokens.device)
+        labels = support.labels.to(encoder.device)
         weight, bias = self.init_weights(feats, labels, way, like)
         if not track:
             weight, bias = weight.detach().requires_grad_(), bias.detach().requires_grad_()

@@ -11,10 +11,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from metarun.algo.adapted import encoder_params
-from metarun.algo.prompting import Verbalizer
 from metarun.backbone import Encoder
+from metarun.backbone.prompts import PromptFormat, PromptScorer, score_matrix
 from metarun.config import PromptFields
 from metarun.task import Episode, Examples, TaskData
+from metarun.task.labels import episode_label_names
+
+
+class Verbalizer:
+    """Label-name scores of examples under a decoder (optionally with adapted weights)."""
+
+    def __init__(self, encoder: Encoder, prompt: PromptFields, user: str, per_tree: int = 32):
+        self.encoder, self.score, self.per_tree = encoder, prompt.score, per_tree
+        self.scorer = PromptScorer(encoder, user)
+        self.format = PromptFormat(prompt.instruction, prompt.template, prompt.separator)
+        self.label_names: dict[str, str] = {}
+
+    def __call__(self, examples: Examples, params: dict | None = None) -> torch.Tensor:
+        """[examples, way] class scores, with adapted decoder weights `params` if given."""
+        names = episode_label_names(self.label_names, examples.classes, "the verbalizer head")
+        fmt, tok = self.format, self.scorer.tokenize
+        stems = tok([fmt.stem(self.encoder.table.text(int(i))) for i in examples.ids])
+        leaves = tok([fmt.continuation(n) for n in names])
+        prefix = tok([fmt.prefix(names)])[0]
+        return score_matrix(self.scorer, prefix, stems, leaves, self.per_tree, self.score, params)
 
 
 class VerbalizerHead(nn.Module):

@@ -19,13 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from metarun.algo.base import upcast
-from metarun.backbone import Encoder
-from metarun.config import PromptFields
+from metarun.backbone.encoder import Encoder, upcast
+from metarun.backbone.packing import attention_mask, pack_rows
 from metarun.errors import MetarunError
-from metarun.packing import attention_mask, pack_rows
-from metarun.task import Examples
-from metarun.task.data import episode_label_names
 
 DECODERS = "a decoder backbone (backbone=smollm2 offline, gpt2, qwen2.5-0.5b, llama-3.2-1b)"
 
@@ -201,7 +197,7 @@ class PromptScorer:
         rows = pack_rows(sizes, width)
         per_forward = max(1, self.max_tokens // width)
         n_leaves = sum(len(ls) for t in trees for ls in t.leaves)
-        device = self.encoder.tokens.device
+        device = self.encoder.device
         dtype = torch.promote_types(next(self.encoder.model.parameters()).dtype, torch.float32)
         sums = torch.zeros(n_leaves, device=device, dtype=dtype)
         counts = torch.zeros(n_leaves, device=device, dtype=dtype)
@@ -214,7 +210,7 @@ class PromptScorer:
 
     def _forward(self, trees, rows, width, params) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self.encoder
-        device = enc.tokens.device
+        device = enc.device
         pad = enc.tokenizer.pad_token_id or 0
         lay = _lay_out(trees, rows, width, pad)
         shape = (len(rows), width)
@@ -259,32 +255,3 @@ def score_matrix(
         trees = [Tree(prefix, [s], [[leaf]]) for s in stems for leaf in leaves]
     sums, counts = scorer.logprobs(trees, params)
     return label_scores(sums, counts, score).view(len(stems), len(leaves))
-
-
-def task_text(encoder: Encoder, text_id: int) -> str:
-    """The task's text, cut to backbone.max_length tokens like every other algorithm's."""
-    if int(encoder.lengths[text_id]) < encoder.max_length:
-        return encoder.texts[text_id]
-    row = encoder.tokens[text_id, : encoder.max_length]
-    return encoder.tokenizer.decode(row, skip_special_tokens=True)
-
-
-class Verbalizer:
-    """The verbalizer head: an example's class scores are the decoder's log-probabilities of
-    each label name after the instruction and the text (as zero-shot prompting reads them), so
-    adapting the decoder's weights on the support set adapts the classifier."""
-
-    def __init__(self, encoder: Encoder, prompt: PromptFields, user: str, per_tree: int = 32):
-        self.encoder, self.score, self.per_tree = encoder, prompt.score, per_tree
-        self.scorer = PromptScorer(encoder, user)
-        self.format = PromptFormat(prompt.instruction, prompt.template, prompt.separator)
-        self.label_names: dict[str, str] = {}
-
-    def __call__(self, examples: Examples, params: dict | None = None) -> torch.Tensor:
-        """[examples, way] class scores, with adapted decoder weights `params` if given."""
-        names = episode_label_names(self.label_names, examples.classes, "the verbalizer head")
-        fmt, tok = self.format, self.scorer.tokenize
-        stems = tok([fmt.stem(task_text(self.encoder, int(i))) for i in examples.ids])
-        leaves = tok([fmt.continuation(n) for n in names])
-        prefix = tok([fmt.prefix(names)])[0]
-        return score_matrix(self.scorer, prefix, stems, leaves, self.per_tree, self.score, params)
