@@ -28,11 +28,11 @@ from metarun.algo import build_algorithm
 from metarun.algo.adapted import inner_rate
 from metarun.backbone import Encoder, load_backbone
 from metarun.config import MetarunConfig, register_configs
-from metarun.evaluate import evaluate
-from metarun.experiment import seed_everything, setup_hardware
+from metarun.hardware import seed_everything, setup_hardware
 from metarun.logger import Logger
 from metarun.task import STREAM, Episode, EpisodeSampler, fixed_episodes, load_task
-from metarun.trainer import Trainer
+from metarun.train import Checkpoints, Episodes, Runtime, Trainer
+from metarun.train.evaluate import evaluate
 
 
 def compose_config(overrides: list[str]) -> DictConfig:
@@ -143,7 +143,8 @@ def build(overrides: list[str]):
     """(typed config, raw config, device, autocast, task data, encoder) as `metarun` builds them."""
     cfg = compose_config(overrides)
     typed: MetarunConfig = OmegaConf.to_object(cfg)
-    device, autocast, _ = setup_hardware(typed.hardware)
+    hw = setup_hardware(typed.hardware)
+    device, autocast = hw.device, hw.autocast
     seed_everything(typed.seed)
     data = load_task(typed.task)
     encoder = load_backbone(typed.backbone)
@@ -185,8 +186,8 @@ def train_cell(overrides: list[str], warmup: int, steps: int) -> dict[str, Any]:
     batch = typed.train.meta_batch_size
     episodes = draw(data, typed, batch * (warmup + steps))
     replay = Replay(episodes)
-    trainer = Trainer(algo, typed.train, replay, [], Logger([]), Path("unused.pt"), {},
-                      autocast, progress=False)  # fmt: skip
+    trainer = Trainer(algo, typed.train, Episodes(replay, []), Logger([]),
+                      Checkpoints(Path("unused.pt")), Runtime(autocast))  # fmt: skip
     algo.train()
     timing = timed_steps(trainer.step, list(range(warmup + steps)), warmup, device)
 

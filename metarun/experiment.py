@@ -8,44 +8,44 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
-import resource
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from metarun.algo import Algorithm, algorithm_class, algorithm_config, build_algorithm
 from metarun.backbone import Encoder, load_backbone
 from metarun.checks import check_config
-from metarun.config import HardwareConfig, MetarunConfig, TrainConfig
-from metarun.contrastive import ClassBatchSampler, ContrastiveStage
-from metarun.distributed import Dist, init_distributed, shutdown
+from metarun.config import MetarunConfig, TrainConfig
+from metarun.distributed import Dist, shutdown
 from metarun.errors import MetarunError, RunInterrupted, os_error_in
-from metarun.evaluate import EvalResult, evaluate
+from metarun.hardware import Hardware, peak_memory_mb, seed_everything, setup_hardware
 from metarun.interrupts import STOP
-from metarun.logger import JsonlSink, Logger, StdoutSink, WandbSink
-from metarun.record import git_commit, load_checkpoint, versions, write_json
-from metarun.resume import STATE_FILE, check_same_data, check_same_run, trim_metrics
-from metarun.reuse import check_same_model, load_trained, source_config
+from metarun.logger import Logger, build_logger
 from metarun.rundir import (
+    STATE_FILE,
     FolderLock,
     attach_log,
+    check_same_data,
+    check_same_run,
     claim,
     clear,
     detach_log,
     file_log,
+    git_commit,
+    load_checkpoint,
     os_error_message,
     remove_stale_tmp,
     run_files,
+    trim_metrics,
+    versions,
     write_hydra_files,
+    write_json,
 )
+from metarun.rundir.init_from import check_same_model, load_trained, source_config
 from metarun.task import (
     STREAM,
     EpisodeSampler,
@@ -54,82 +54,26 @@ from metarun.task import (
     fixed_episodes,
     load_task,
 )
-from metarun.trainer import Trainer
+from metarun.train import Checkpoints, Episodes, EvalResult, Runtime, Trainer, evaluate
+from metarun.train.contrastive import ClassBatchSampler, ContrastiveStage
 
 log = logging.getLogger("metarun")
-PRECISIONS = ("fp32", "bf16")
 TRUNCATION_WARNING = 0.05
 
 
-def setup_hardware(hw: HardwareConfig) -> tuple[torch.device, Callable, Dist]:
-    """The device, an autocast factory and the process group; fails early when the device is
-    not there. Under torchrun with `distributed`, "cuda" means this process's GPU."""
-    if hw.precision not in PRECISIONS:
-        raise MetarunError(f"hardware.precision={hw.precision}; use one of {', '.join(PRECISIONS)}")
-    try:
-        device = torch.device(hw.device)
-    except RuntimeError as err:
-        raise MetarunError(f"hardware.device={hw.device} is not a device name") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MetarunError(
-            f"hardware.device={hw.device} but no CUDA GPU is visible; use hardware=cpu"
-        )
-    dist = Dist()
-    if hw.distributed:
-        dist, local_rank = init_distributed(device.type)
-        if device.type == "cuda":
-            device = torch.device("cuda", local_rank)
-    if hw.threads > 0:
-        torch.set_num_threads(hw.threads)
-    torch.set_float32_matmul_precision("high" if hw.tf32 else "highest")
-    if hw.precision == "bf16":
-        return device, lambda: torch.autocast(device.type, dtype=torch.bfloat16), dist
-    return device, contextlib.nullcontext, dist
+@dataclass
+class RunSpec:
+    """One experiment as the command gave it: the config as composed (`cfg`, for Hydra's own
+    files), typed (what every component is built from) and resolved (the record: config.yaml,
+    checkpoints, W&B), and where it runs."""
 
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def run_name(cfg: MetarunConfig, choices: dict[str, str]) -> str:
-    """What a person reads in a dashboard: algorithm, backbone, task, shape, seed."""
-    task = cfg.task
-    return (f"{choices.get('algo', '?')}-{choices.get('backbone', '?')}-"
-            f"{choices.get('task', '?')}-{task.way}w{task.shots}s-seed{cfg.seed}")  # fmt: skip
-
-
-def wandb_config(cfg: MetarunConfig, choices: dict[str, str], resolved: dict) -> dict:
-    """The chosen option of every group as top-level keys (filter and group by them), then the
-    whole resolved config under `cfg`."""
-    task = cfg.task
-    return {**choices, "way": task.way, "shots": task.shots, "queries": task.queries,
-            "seed": cfg.seed, "split": task.split, "meta_steps": cfg.train.steps,
-            "cfg": resolved}  # fmt: skip
-
-
-def build_logger(
-    cfg: MetarunConfig, run_dir: Path, choices: dict[str, str], family: str, group: str | None,
-    resolved: dict, wandb_id: str | None, dist: Dist,
-) -> Logger:  # fmt: skip
-    """Stdout and metrics.jsonl always, W&B when asked (continuing `wandb_id` on resume); only
-    the main process logs."""
-    if not dist.main:
-        return Logger([])
-    train_every = 0 if cfg.logger.progress else 10
-    sinks: list = [StdoutSink(train_every), JsonlSink(run_dir / "metrics.jsonl")]
-    if cfg.logger.wandb:
-        config = wandb_config(cfg, choices, resolved)
-        sinks.append(WandbSink(cfg.logger, run_dir, run_name(cfg, choices), group, config,
-                               wandb_id, job_type=family))  # fmt: skip
-    return Logger(sinks)
+    cfg: DictConfig
+    typed: MetarunConfig
+    resolved: dict
+    run_dir: Path
+    choices: dict[str, str]
+    group: str | None  # the multirun's sweep folder name; None for a single run
+    started: float = field(default_factory=time.time)
 
 
 def trains(cfg: TrainConfig) -> bool:
@@ -165,7 +109,7 @@ def make_episodes(data: TaskData, cfg: MetarunConfig) -> tuple[EpisodeSampler, l
     return sampler, val, test
 
 
-def run_facts(cfg: MetarunConfig, data: TaskData | None, device: torch.device) -> dict[str, Any]:
+def run_facts(cfg: MetarunConfig, data: TaskData | None, device: Any) -> dict[str, Any]:
     task = cfg.task
     return {
         "way": task.way,
@@ -212,20 +156,19 @@ def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], group: str | No
     check_before_loading(cfg, run_dir, choices, group)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     typed: MetarunConfig = OmegaConf.to_object(cfg)
-    device, autocast, dist = setup_hardware(typed.hardware)
+    hw = setup_hardware(typed.hardware)
     lock: FolderLock | None = None
     try:
         with STOP.installed():
-            run_dir = dist.broadcast(run_dir)
-            if dist.main:  # held until the run ends: one live process per folder
+            run_dir = hw.dist.broadcast(run_dir)
+            if hw.dist.main:  # held until the run ends: one live process per folder
                 lock = FolderLock(run_dir).acquire()
-            claimed = claim_run_dir(run_dir, typed, resolved)
-            return _run(typed, cfg, resolved, run_dir, claimed, choices, group, device,
-                        autocast, dist, started)  # fmt: skip
+            spec = RunSpec(cfg, typed, resolved, run_dir, choices, group, started)
+            return _run(spec, claim_run_dir(spec), hw)
     finally:
         if lock is not None:
             lock.release()
-        shutdown(dist)
+        shutdown(hw.dist)
 
 
 @dataclass
@@ -237,33 +180,33 @@ class Claimed:
     data: TaskData | None = None  # the task, read to compare with the state's
 
 
-def claim_run_dir(run_dir: Path, typed: MetarunConfig, resolved: dict) -> Claimed:
+def claim_run_dir(spec: RunSpec) -> Claimed:
     """The folder's mode; a resume is checked (config, then data) before anything is written,
     so a refused resume leaves the folder as it was."""
+    run_dir, typed = spec.run_dir, spec.typed
     mode = claim(run_dir, typed.run_dir_mode, bool(typed.train.resume))
     if mode != "resume":
         return Claimed(mode)
-    check_same_run(run_dir, resolved)
+    check_same_run(run_dir, spec.resolved)
     state = load_checkpoint(run_dir / STATE_FILE)
     data = load_task(typed.task)
     check_same_data(run_dir, state, data.summary())
     return Claimed(mode, state, data)
 
 
-def open_run_dir(
-    run_dir: Path, claimed: Claimed, cfg: DictConfig, resolved: dict, env: dict
-) -> logging.Handler:
+def open_run_dir(spec: RunSpec, claimed: Claimed, env: dict) -> logging.Handler:
     """The claimed folder's files (main process): afresh when overwriting, stale temporary
     files gone, metrics past the resumed step dropped, `.hydra/`, metarun.log, the config."""
+    run_dir = spec.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     if claimed.mode == "overwrite":
         clear(run_dir)
     remove_stale_tmp(run_dir)
     handler = attach_log(run_dir)
-    write_hydra_files(run_dir, cfg)
+    write_hydra_files(run_dir, spec.cfg)
     if claimed.state is not None:
         trim_metrics(run_dir / "metrics.jsonl", claimed.state["step"])
-    OmegaConf.save(OmegaConf.create(resolved), run_dir / "config.yaml")
+    OmegaConf.save(OmegaConf.create(spec.resolved), run_dir / "config.yaml")
     write_json(run_dir / "environment.json", env)
     return handler
 
@@ -282,73 +225,92 @@ def failure(err: BaseException) -> tuple[str, BaseException]:
     return status, err
 
 
-def _run(
-    typed: MetarunConfig, cfg: DictConfig, resolved: dict, run_dir: Path, claimed: Claimed,
-    choices: dict, group: str | None, device: torch.device, autocast: Callable, dist: Dist,
-    started: float,
-) -> float:  # fmt: skip
-    env = {"choices": choices, "versions": versions(), "git_commit": git_commit()}
-    handler = open_run_dir(run_dir, claimed, cfg, resolved, env) if dist.main else None
-    state = claimed.state
-    summary: dict[str, Any] = {"status": "failed", "run_dir": str(run_dir), **choices}
+@dataclass
+class Record:
+    """What the run's summary is written from, whatever happens: filled as the run goes."""
+
+    summary: dict[str, Any]
+    env: dict[str, Any]
     data: TaskData | None = None
     logger: Logger | None = None
+
+
+def _run(spec: RunSpec, claimed: Claimed, hw: Hardware) -> float:
+    env = {"choices": spec.choices, "versions": versions(), "git_commit": git_commit()}
+    handler = open_run_dir(spec, claimed, env) if hw.dist.main else None
+    record = Record({"status": "failed", "run_dir": str(spec.run_dir), **spec.choices}, env)
     try:
-        seed_everything(typed.seed)
-        data = claimed.data or load_task(typed.task)
-        needed = ("train", "valid", "test") if trains(typed.train) else ("test",)
-        check_feasible(data, typed.task, needed)
-        log.info("task %s: %s", choices.get("task"), data.summary())
-        algo = build_model(typed, cfg, resolved, data, summary).to(device)
-        dist.sync_module(algo)
-        sampler, val, test = make_episodes(data, typed)
-        wandb_id = state["wandb_run_id"] if state else None
-        logger = build_logger(typed, run_dir, choices, algo.family, group, resolved, wandb_id,
-                              dist)  # fmt: skip
-        trainer = Trainer(algo, typed.train, sampler, val, logger, run_dir / "checkpoint.pt",
-                          {"config": resolved, **env, "data": data.summary()}, autocast,
-                          typed.logger.progress,
-                          run_dir / STATE_FILE, dist,
-                          contrastive_stage(data, typed, dist.rank))  # fmt: skip
-        if state is not None and trainer.params:
-            trainer.resume(state)
-            summary["resumed_from_step"] = state["step"]
+        trainer, test = assemble(spec, claimed, hw, record)
         with logging_redirect_tqdm():  # log lines above the progress bar, not inside it
-            fit = trainer.fit()
-            progress = typed.logger.progress and dist.main
-            result = evaluate(algo, test, autocast, dist, progress="test" if progress else None)
-        logger.log(result.metrics("test"), fit.steps_done)
-        if dist.main:
-            write_json(run_dir / "test_episodes.json", episode_record(result, test, typed))
-        summary |= {
-            "status": "completed",
-            "test": {"acc": result.acc, "acc_ci95": result.ci95, "f1": result.f1,
-                     "episodes": len(test)},
-            "val": {"best_acc": fit.best_val_acc, "best_step": fit.best_step, "episodes": len(val)},
-            "train": asdict(fit),
-            "checkpoint": str(trainer.checkpoint_path) if trainer.saved_checkpoint else None,
-        }  # fmt: skip
-        log.info("test accuracy %.2f%% ± %.2f (95%% CI, %d episodes), macro-F1 %.2f%%",
-                 100 * result.acc, 100 * result.ci95, len(test), 100 * result.f1)  # fmt: skip
-        return fit.best_val_acc if fit.best_val_acc is not None else float("nan")
+            record.summary |= fit_and_test(trainer, test, spec, hw)
+        best = record.summary["val"]["best_acc"]
+        return best if best is not None else float("nan")
     except BaseException as err:
-        summary["status"], raised = failure(err)
-        summary["error"] = str(raised) or type(raised).__name__
+        record.summary["status"], raised = failure(err)
+        record.summary["error"] = str(raised) or type(raised).__name__
         if raised is not err:
             raise raised from err
         raise
     finally:
-        summary |= run_facts(typed, data, device) | {
-            "peak_memory_mb": peak_memory_mb(device), "wall_seconds": time.time() - started,
-            "wandb_run_id": logger.wandb_id if logger else None, "versions": env["versions"],
-            "git_commit": env["git_commit"], "processes": dist.world,
+        record.summary |= run_facts(spec.typed, record.data, hw.device) | {
+            "peak_memory_mb": peak_memory_mb(hw.device),
+            "wall_seconds": time.time() - spec.started,
+            "wandb_run_id": record.logger.wandb_id if record.logger else None,
+            "versions": env["versions"], "git_commit": env["git_commit"],
+            "processes": hw.dist.world,
         }  # fmt: skip
-        finish(run_dir, summary, logger, handler, dist)
+        finish(spec.run_dir, record, handler, hw.dist)
 
 
-def build_model(
-    typed: MetarunConfig, cfg: DictConfig, resolved: dict, data: TaskData, summary: dict
-) -> Algorithm:
+def assemble(spec: RunSpec, claimed: Claimed, hw: Hardware, record: Record) -> tuple[Trainer, list]:
+    """The task, the model on the device, the episodes, the logger and the trainer (resumed
+    when the folder held a run to continue)."""
+    typed, dist, state = spec.typed, hw.dist, claimed.state
+    seed_everything(typed.seed)
+    data = record.data = claimed.data or load_task(typed.task)
+    needed = ("train", "valid", "test") if trains(typed.train) else ("test",)
+    check_feasible(data, typed.task, needed)
+    log.info("task %s: %s", spec.choices.get("task"), data.summary())
+    algo = build_model(typed, spec.resolved, data, record.summary).to(hw.device)
+    dist.sync_module(algo)
+    sampler, val, test = make_episodes(data, typed)
+    record.logger = build_logger(typed, spec.run_dir, spec.choices, algo.family, spec.group,
+                                 spec.resolved, state["wandb_run_id"] if state else None,
+                                 dist.main)  # fmt: skip
+    episodes = Episodes(sampler, val, contrastive_stage(data, typed, dist.rank))
+    meta = {"config": spec.resolved, **record.env, "data": data.summary()}
+    files = Checkpoints(spec.run_dir / "checkpoint.pt", spec.run_dir / STATE_FILE, meta)
+    runtime = Runtime(hw.autocast, dist, typed.logger.progress)
+    trainer = Trainer(algo, typed.train, episodes, record.logger, files, runtime)
+    if state is not None and trainer.params:
+        trainer.resume(state)
+        record.summary["resumed_from_step"] = state["step"]
+    return trainer, test
+
+
+def fit_and_test(trainer: Trainer, test: list, spec: RunSpec, hw: Hardware) -> dict[str, Any]:
+    """Meta-train, then test on the fixed test episodes: the summary's results."""
+    fit = trainer.fit()
+    progress = "test" if spec.typed.logger.progress and hw.dist.main else None
+    result = evaluate(trainer.algo, test, hw.autocast, hw.dist, progress=progress)
+    trainer.logger.log(result.metrics("test"), fit.steps_done)
+    if hw.dist.main:
+        write_json(spec.run_dir / "test_episodes.json", episode_record(result, test, spec.typed))
+    log.info("test accuracy %.2f%% ± %.2f (95%% CI, %d episodes), macro-F1 %.2f%%",
+             100 * result.acc, 100 * result.ci95, len(test), 100 * result.f1)  # fmt: skip
+    return {
+        "status": "completed",
+        "test": {"acc": result.acc, "acc_ci95": result.ci95, "f1": result.f1,
+                 "episodes": len(test)},
+        "val": {"best_acc": fit.best_val_acc, "best_step": fit.best_step,
+                "episodes": len(trainer.episodes.val)},
+        "train": asdict(fit),
+        "checkpoint": str(trainer.checkpoints.best) if trainer.progress.saved_checkpoint
+        else None,
+    }  # fmt: skip
+
+
+def build_model(typed: MetarunConfig, resolved: dict, data: TaskData, summary: dict) -> Algorithm:
     """The backbone with the task's texts, the algorithm on it, and (init_from) the weights of
     a trained run; what was truncated and loaded goes into the summary."""
     encoder = load_backbone(typed.backbone)
@@ -372,11 +334,9 @@ def episode_record(result: EvalResult, test: list, typed: MetarunConfig) -> dict
     }  # fmt: skip
 
 
-def finish(
-    run_dir: Path, summary: dict, logger: Logger | None, handler: logging.Handler | None,
-    dist: Dist,
-) -> None:  # fmt: skip
+def finish(run_dir: Path, record: Record, handler: logging.Handler | None, dist: Dist) -> None:
     """summary.json for every run, completed or not; W&B told whether it failed."""
+    summary, logger = record.summary, record.logger
     try:
         if dist.main:
             write_json(run_dir / "summary.json", summary)

@@ -11,12 +11,10 @@ import os
 from pathlib import Path
 from typing import Any, Protocol
 
-from metarun.config import LoggerConfig
-from metarun.errors import MetarunError
-from metarun.record import finite
+from metarun.config import LoggerConfig, MetarunConfig
+from metarun.rundir.files import finite
 
 log = logging.getLogger("metarun")
-WANDB_MODES = ("online", "offline", "disabled")
 
 
 class Sink(Protocol):
@@ -80,8 +78,6 @@ class WandbSink:
         resume_id: str | None = None,
         job_type: str | None = None,
     ) -> None:
-        if cfg.mode not in WANDB_MODES:
-            raise MetarunError(f"logger.mode={cfg.mode}; use one of {', '.join(WANDB_MODES)}")
         import wandb
 
         self.run = wandb.init(
@@ -132,3 +128,36 @@ class Logger:
     @property
     def wandb_id(self) -> str | None:
         return next((s.id for s in self.sinks if isinstance(s, WandbSink)), None)
+
+
+def run_name(cfg: MetarunConfig, choices: dict[str, str]) -> str:
+    """What a person reads in a dashboard: algorithm, backbone, task, shape, seed."""
+    task = cfg.task
+    return (f"{choices.get('algo', '?')}-{choices.get('backbone', '?')}-"
+            f"{choices.get('task', '?')}-{task.way}w{task.shots}s-seed{cfg.seed}")  # fmt: skip
+
+
+def wandb_config(cfg: MetarunConfig, choices: dict[str, str], resolved: dict) -> dict:
+    """The chosen option of every group as top-level keys (filter and group by them), then the
+    whole resolved config under `cfg`."""
+    task = cfg.task
+    return {**choices, "way": task.way, "shots": task.shots, "queries": task.queries,
+            "seed": cfg.seed, "split": task.split, "meta_steps": cfg.train.steps,
+            "cfg": resolved}  # fmt: skip
+
+
+def build_logger(
+    cfg: MetarunConfig, run_dir: Path, choices: dict[str, str], family: str, group: str | None,
+    resolved: dict, wandb_id: str | None, main: bool,
+) -> Logger:  # fmt: skip
+    """Stdout and metrics.jsonl always, W&B when asked (continuing `wandb_id` on resume, the
+    run grouped by sweep and typed by the algorithm's `family`); only the main process logs."""
+    if not main:
+        return Logger([])
+    train_every = 0 if cfg.logger.progress else 10
+    sinks: list[Sink] = [StdoutSink(train_every), JsonlSink(run_dir / "metrics.jsonl")]
+    if cfg.logger.wandb:
+        config = wandb_config(cfg, choices, resolved)
+        sinks.append(WandbSink(cfg.logger, run_dir, run_name(cfg, choices), group, config,
+                               wandb_id, job_type=family))  # fmt: skip
+    return Logger(sinks)

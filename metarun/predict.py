@@ -34,7 +34,7 @@ from metarun.algo import build_algorithm
 from metarun.backbone import load_backbone
 from metarun.config import MetarunConfig, register_configs
 from metarun.errors import MetarunError
-from metarun.reuse import load_trained, source_config
+from metarun.rundir.init_from import load_trained, source_config
 from metarun.task import Examples, TaskData
 from metarun.task.labels import readable
 from metarun.task.rows import ColumnKeys, as_text, group_rows, read_rows

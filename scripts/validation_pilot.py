@@ -33,8 +33,8 @@ from metarun.config import (
     TaskConfig,
     package_model_path,
 )
-from metarun.evaluate import evaluate
 from metarun.task import Examples, TaskData, fixed_episodes, load_task
+from metarun.train.evaluate import evaluate
 
 WAY, QUERIES, EVAL_SEED = 5, 5, 1234  # the ProtAugment protocol, metarun's default eval seed
 

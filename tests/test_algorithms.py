@@ -13,8 +13,8 @@ from metarun.algo.logreg import fit_logistic
 from metarun.algo.ridge import ridge_solve
 from metarun.backbone import load_backbone
 from metarun.errors import MetarunError
-from metarun.evaluate import evaluate
 from metarun.task import EpisodeSampler, Examples, fixed_episodes
+from metarun.train.evaluate import evaluate
 
 
 @pytest.fixture

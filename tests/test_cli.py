@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from metarun.record import load_checkpoint
+from metarun.rundir.files import load_checkpoint
 from tests.cli_helpers import FAST, item_key, metarun, read_jsonl, run_dirs, wandb_records
 
 pytestmark = pytest.mark.slow

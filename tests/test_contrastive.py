@@ -14,11 +14,11 @@ from metarun.algo.baselines import FrozenLogReg
 from metarun.algo.protonet import ProtoNet
 from metarun.backbone import load_backbone
 from metarun.config import FrozenConfig, ProtoNetConfig, TrainConfig
-from metarun.contrastive import ClassBatchSampler, ContrastiveStage, supcon_loss
 from metarun.errors import MetarunError
 from metarun.logger import JsonlSink, Logger
 from metarun.task import EpisodeSampler, Examples, fixed_episodes
-from metarun.trainer import Trainer
+from metarun.train.contrastive import ClassBatchSampler, ContrastiveStage, supcon_loss
+from metarun.train.trainer import Checkpoints, Episodes, Trainer
 from tests.cli_helpers import FAST, metarun, read_jsonl
 
 
@@ -86,8 +86,8 @@ def _trainer(algo, task, tmp_path, pre: int, **train) -> Trainer:
     val = fixed_episodes(task.splits["valid"], 3, 1, 2, 4, 0, "valid")
     logger = Logger([JsonlSink(tmp_path / "metrics.jsonl")])
     stage = ContrastiveStage(ClassBatchSampler(task.splits["train"], 4, 3, [0, 3]), pre, 0.1)
-    return Trainer(algo, cfg, sampler, val, logger, tmp_path / "checkpoint.pt", {},
-                   progress=False, state_path=tmp_path / "last.pt", contrastive=stage)  # fmt: skip
+    files = Checkpoints(tmp_path / "checkpoint.pt", tmp_path / "last.pt")
+    return Trainer(algo, cfg, Episodes(sampler, val, stage), logger, files)
 
 
 def test_contrastive_steps_come_first_then_episodic_steps(tiny_encoder, synthetic_task, tmp_path):
@@ -138,7 +138,7 @@ def test_a_run_resumed_inside_the_contrastive_stage_ends_as_an_unbroken_one(
     first.train()
     for step in (1, 2):
         stopped.step(step)
-        stopped.done = step
+        stopped.progress.step = step
     state = stopped.state()
     resumed = _trainer(_fresh(compose_cfg, synthetic_task), synthetic_task, tmp_path / "b",
                        pre=4, val_interval=100)  # fmt: skip

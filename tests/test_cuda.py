@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from metarun.algo import build_algorithm
-from metarun.evaluate import evaluate
 from metarun.task import fixed_episodes
+from metarun.train.evaluate import evaluate
 
 from .conftest import dropout_free
 from .grad_helpers import meta_grads

@@ -7,8 +7,8 @@ import torch
 
 from metarun.algo.protonet import ProtoNet
 from metarun.config import ProtoNetConfig
-from metarun.evaluate import EvalResult, evaluate, macro_f1
 from metarun.task import fixed_episodes
+from metarun.train.evaluate import EvalResult, evaluate, macro_f1
 
 
 def test_ci95_is_the_normal_interval_of_the_mean():

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from metarun.checks import check_config
 from metarun.config import HardwareConfig
 from metarun.errors import MetarunError
-from metarun.experiment import setup_hardware
+from metarun.hardware import setup_hardware
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a CPU-only machine")
@@ -16,20 +17,19 @@ def test_cuda_without_a_gpu_is_one_clear_error():
         setup_hardware(HardwareConfig(device="cuda", precision="bf16"))
 
 
-def test_bad_values_name_their_key():
-    with pytest.raises(MetarunError, match=r"hardware\.precision=fp8"):
-        setup_hardware(HardwareConfig(precision="fp8"))
+def test_bad_values_name_their_key(compose_cfg):
+    with pytest.raises(MetarunError, match=r"hardware\.precision=fp8; use one of fp32, bf16"):
+        check_config(compose_cfg("hardware.precision=fp8"))  # before anything loads
     with pytest.raises(MetarunError, match=r"hardware\.device=gpu0"):
         setup_hardware(HardwareConfig(device="gpu0"))
 
 
 def test_bf16_autocast_lowers_matmul_precision():
-    device, autocast, _ = setup_hardware(HardwareConfig(precision="bf16"))
-    a = torch.randn(8, 8, device=device)
-    with autocast():
+    hw = setup_hardware(HardwareConfig(precision="bf16"))
+    a = torch.randn(8, 8, device=hw.device)
+    with hw.autocast():
         assert (a @ a).dtype == torch.bfloat16
-    _, plain, _ = setup_hardware(HardwareConfig())
-    with plain():
+    with setup_hardware(HardwareConfig()).autocast():
         assert (a @ a).dtype == torch.float32
 
 

@@ -3,6 +3,8 @@ scored, and shared-prefix scoring against each sequence scored alone."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -35,18 +37,39 @@ def episode(synthetic_task):
     return fixed_episodes(synthetic_task.splits["train"], 3, 2, 3, 1, 0, "train")[0]
 
 
+def context(fmt: PromptFormat, names, demos, query: str) -> str:
+    """One prompt as a string: the instruction, the demonstrations, the query."""
+    return fmt.prefix(names, demos) + fmt.stem(query)
+
+
+def contexts(algo, support, query) -> list[str]:
+    """Each query's whole prompt as one string (what the scored token pieces spell)."""
+    return [algo.prefix(support) + algo.format.stem(algo.text(int(q))) for q in query.ids]
+
+
+def parse(fmt: PromptFormat, text: str, names) -> tuple[list[tuple[str, str]], str]:
+    """(demonstrations, query text) back from a prompt string: the format's inverse."""
+    head = fmt.prefix(names)
+    assert text.startswith(head), f"not after the instruction {head!r}: {text!r}"
+    *parts, last = text[len(head) :].split(fmt.separator)
+    pattern = re.escape(fmt.template).replace(r"\{text\}", "(.*?)").replace(r"\{label\}", "(.*)")
+    demos = [re.fullmatch(pattern, part, re.S).groups() for part in parts]
+    query = re.fullmatch(re.escape(fmt.query_head).replace(r"\{text\}", "(.*)"), last, re.S)
+    return [tuple(d) for d in demos], query.group(1)
+
+
 def test_prompt_format_round_trips():
     fmt = PromptFormat("Classify as one of: {labels}.\n\n", "Input: {text}\nLabel: {label}", "\n\n")
     names = ["card payment fee", "transfer"]
     demos = [("my card was  charged\ntwice", "card payment fee"), ("where is my money", "transfer")]
-    context = fmt.context(names, demos, "how do I top up?")
-    assert context.startswith("Classify as one of: card payment fee, transfer.\n\nInput: my card")
-    assert context.endswith("Input: how do I top up?\nLabel:")
-    parsed, query = fmt.parse(context, names)
+    prompt = context(fmt, names, demos, "how do I top up?")
+    assert prompt.startswith("Classify as one of: card payment fee, transfer.\n\nInput: my card")
+    assert prompt.endswith("Input: how do I top up?\nLabel:")
+    parsed, query = parse(fmt, prompt, names)
     assert parsed == [(fmt.clean(t), fmt.clean(lab)) for t, lab in demos]
     assert query == "how do I top up?"
     assert fmt.continuation("transfer") == " transfer"  # the template's space goes with the label
-    assert fmt.parse(fmt.context(names, [], "hi"), names) == ([], "hi")  # zero-shot: no demos
+    assert parse(fmt, context(fmt, names, [], "hi"), names) == ([], "hi")  # zero-shot: no demos
     with pytest.raises(MetarunError, match=r"algo\.template"):
         PromptFormat("", "{label} is the label of {text}", "\n")
     with pytest.raises(MetarunError, match=r"algo\.instruction"):
@@ -63,10 +86,10 @@ def full_sequence_logprob(model, context: list[int], continuation: list[int]) ->
 @pytest.mark.parametrize("backbone", DECODERS)
 def test_shared_prefix_scores_equal_each_sequence_scored_alone(icl, episode, backbone):
     algo = icl(backbone=backbone)
-    contexts = algo.contexts(episode.support, episode.query)
+    prompts = contexts(algo, episode.support, episode.query)
     names = algo.names(episode.support.classes)
-    assert len(contexts) == len(episode.query)
-    demos, query = algo.format.parse(contexts[0], names)
+    assert len(prompts) == len(episode.query)
+    demos, query = parse(algo.format, prompts[0], names)
     assert len(demos) == len(episode.support) and {lab for _, lab in demos} == set(names)
     assert query == algo.format.clean(algo.encoder.table.texts[int(episode.query.ids[0])])
     with torch.no_grad():
@@ -78,7 +101,7 @@ def test_shared_prefix_scores_equal_each_sequence_scored_alone(icl, episode, bac
     tok, model = algo.encoder.tokenizer, algo.encoder.model
     prefix, stems = algo.pieces(episode.support, episode.query)
     for q, stem in enumerate(stems):
-        assert prefix + stem == tok(contexts[q], add_special_tokens=False)["input_ids"]
+        assert prefix + stem == tok(prompts[q], add_special_tokens=False)["input_ids"]
         for k, name in enumerate(names):
             cont = tok(algo.format.continuation(name), add_special_tokens=False)["input_ids"]
             assert tok.decode(cont).strip() == name  # what is scored is the label name
@@ -113,7 +136,7 @@ def test_zero_shot_prompting_reads_no_support_example(icl, episode, synthetic_ta
         second = algo.adapt(moved, 3)(episode.query)
     assert torch.equal(first, second)
     names = algo.names(episode.classes)
-    assert algo.contexts(episode.support, episode.query)[0].startswith(algo.format.prefix(names))
+    assert contexts(algo, episode.support, episode.query)[0].startswith(algo.format.prefix(names))
 
 
 def test_plain_icl_trains_nothing_and_metaicl_trains_the_decoder(icl):

@@ -14,8 +14,8 @@ from torch.profiler import ProfilerActivity, profile
 from metarun.algo import build_algorithm
 from metarun.backbone import load_backbone
 from metarun.errors import MetarunError
-from metarun.evaluate import evaluate
 from metarun.task import EpisodeSampler, fixed_episodes
+from metarun.train.evaluate import evaluate
 
 from .grad_helpers import check_against_finite_differences, meta_grads
 

@@ -16,7 +16,7 @@ import torch
 
 from metarun.errors import MetarunError
 from metarun.predict import predict
-from metarun.reuse import load_trained
+from metarun.rundir.init_from import load_trained
 from tests.cli_helpers import FAST, metarun, run_dirs
 from tests.conftest import TOPICS, synthetic_rows
 

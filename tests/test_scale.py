@@ -15,7 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from metarun.record import load_checkpoint
+from metarun.rundir.files import load_checkpoint
 from tests.cli_helpers import FAST, metarun, read_jsonl, run_dirs
 
 pytestmark = pytest.mark.slow

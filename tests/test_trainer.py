@@ -11,10 +11,10 @@ import torch
 from metarun.algo.protonet import ProtoNet
 from metarun.config import ProtoNetConfig, TrainConfig
 from metarun.errors import MetarunError
-from metarun.evaluate import EvalResult
 from metarun.logger import JsonlSink, Logger
 from metarun.task import Episode, EpisodeSampler, fixed_episodes
-from metarun.trainer import Trainer
+from metarun.train.evaluate import EvalResult
+from metarun.train.trainer import Checkpoints, Episodes, Trainer
 from tests.cli_helpers import read_jsonl
 
 
@@ -36,7 +36,9 @@ def _trainer(algo, task, tmp_path, **train) -> Trainer:
     sampler = EpisodeSampler(task.splits["train"], 3, 1, 2, seed=0)
     val = fixed_episodes(task.splits["valid"], 3, 1, 2, 6, 0, "valid")
     logger = Logger([JsonlSink(tmp_path / "metrics.jsonl")])
-    return Trainer(algo, cfg, sampler, val, logger, tmp_path / "checkpoint.pt", {}, progress=False)
+    return Trainer(
+        algo, cfg, Episodes(sampler, val), logger, Checkpoints(tmp_path / "checkpoint.pt")
+    )
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_what_was_written(
@@ -66,7 +68,7 @@ def scripted_validation(monkeypatch, scores: list[float]) -> list[dict]:
         acc = next(it)
         return EvalResult(np.full(3, acc), np.full(3, acc))
 
-    monkeypatch.setattr("metarun.trainer.evaluate", fake_evaluate)
+    monkeypatch.setattr("metarun.train.trainer.evaluate", fake_evaluate)
     return snapshots
 
 

@@ -62,11 +62,6 @@ class InContext(Algorithm):
             demos = [(self.text(i), names[lab]) for i, lab in pairs]
         return self.format.prefix(names, demos)
 
-    def contexts(self, support: Examples, query: Examples) -> list[str]:
-        """Each query's whole prompt as one string (what the scored token pieces spell)."""
-        head = self.prefix(support)
-        return [head + self.format.stem(self.text(int(q))) for q in query.ids]
-
     def pieces(self, support: Examples, query: Examples) -> tuple[list[int], list[list[int]]]:
         """Token ids of the shared prefix and of each query's stem."""
         tok = self.scorer.tokenize

@@ -27,7 +27,7 @@ DECODERS = "a decoder backbone (backbone=smollm2 offline, gpt2, qwen2.5-0.5b, ll
 
 
 class PromptFormat:
-    """Instruction, demonstrations and texts as strings (`parse` inverts them; tests check)."""
+    """Instruction, demonstrations and texts as strings."""
 
     def __init__(self, instruction: str, template: str, separator: str) -> None:
         if template.count("{text}") != 1 or template.count("{label}") != 1:
@@ -42,10 +42,6 @@ class PromptFormat:
         head = template.split("{label}")[0]
         self.query_head = head.rstrip()  # the label's leading space belongs to its continuation
         self.gap = head[len(self.query_head) :]
-        pattern = re.escape(template).replace(r"\{text\}", "(.*?)").replace(r"\{label\}", "(.*)")
-        self._demo_re = re.compile(f"^{pattern}$", re.S)
-        query = re.escape(self.query_head).replace(r"\{text\}", "(.*)")
-        self._query_re = re.compile(f"^{query}$", re.S)
 
     @staticmethod
     def clean(text: str) -> str:
@@ -63,28 +59,8 @@ class PromptFormat:
     def stem(self, text: str) -> str:
         return self.query_head.format(text=self.clean(text))
 
-    def context(self, names: Sequence[str], demos: Sequence[tuple[str, str]], query: str) -> str:
-        return self.prefix(names, demos) + self.stem(query)
-
     def continuation(self, label: str) -> str:
         return self.gap + self.clean(label)
-
-    def parse(self, context: str, names: Sequence[str]) -> tuple[list[tuple[str, str]], str]:
-        """(demonstrations, query text) back from a context string."""
-        head = self.prefix(names)
-        if not context.startswith(head):
-            raise ValueError(f"not after the instruction {head!r}: {context!r}")
-        *parts, last = context[len(head) :].split(self.separator)
-        demos = []
-        for part in parts:
-            match = self._demo_re.match(part)
-            if match is None:
-                raise ValueError(f"not a demonstration: {part!r}")
-            demos.append((match.group(1), match.group(2)))
-        match = self._query_re.match(last)
-        if match is None:
-            raise ValueError(f"not a query: {last!r}")
-        return demos, match.group(1)
 
 
 @dataclass

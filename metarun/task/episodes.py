@@ -51,19 +51,35 @@ def with_names(support: Examples, name_ids: list[int]) -> Examples:
     return Examples(ids, labels, support.classes)
 
 
-class EpisodeSampler:
-    """Draws episodes from one split's classes; its generator is its own and checkpointable."""
+class SeededSampler:
+    """Draws from one split's classes with a generator of its own (never the global one),
+    saved with the run and restored on resume. `name_ids`: task.names_as_examples, each
+    class's name text joins what is drawn of it (label semantics)."""
+
+    def __init__(
+        self, classes: dict[str, np.ndarray], seed: Any, name_ids: dict[str, int] | None = None
+    ) -> None:
+        self.names = sorted(classes)
+        self.pools = [classes[n] for n in self.names]
+        self.rng = np.random.default_rng(seed)
+        self.name_ids = name_ids
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+
+
+class EpisodeSampler(SeededSampler):
+    """N-way K-shot episodes with `queries` query texts per class."""
 
     def __init__(
         self, classes: dict[str, np.ndarray], way: int, shot: int, queries: int, seed: Any,
         name_ids: dict[str, int] | None = None,
     ) -> None:  # fmt: skip
-        self.names = sorted(classes)
-        self.pools = [classes[n] for n in self.names]
+        super().__init__(classes, seed, name_ids)
         self.way, self.shot, self.queries = way, shot, queries
-        self.rng = np.random.default_rng(seed)
-        # task.names_as_examples: each class's name text joins its support set (label semantics)
-        self.name_ids = name_ids
 
     def sample(self) -> Episode:
         chosen = self.rng.choice(len(self.names), size=self.way, replace=False)
@@ -83,12 +99,6 @@ class EpisodeSampler:
             shot=self.shot,
             classes=classes,
         )
-
-    def state_dict(self) -> dict:
-        return {"rng": self.rng.bit_generator.state}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.rng.bit_generator.state = state["rng"]
 
 
 # Streams of one seed: evaluation splits never share draws with each other or with training.

@@ -21,12 +21,13 @@ from metarun.algo.base import upcast
 from metarun.backbone import Encoder
 from metarun.errors import MetarunError
 from metarun.task import Examples
+from metarun.task.episodes import SeededSampler
 
 
-class ClassBatchSampler:
-    """Batches of `classes` classes x `per_class` texts from one split; its generator is its
-    own and checkpointable, like an episode sampler's. With `name_ids`, each class's name text
-    joins the batch as one more text of that class (the names the episodes' support sets get)."""
+class ClassBatchSampler(SeededSampler):
+    """Batches of `classes` classes x `per_class` texts from one split. With `name_ids`, each
+    class's name text joins the batch as one more text of that class (the names the episodes'
+    support sets get)."""
 
     def __init__(
         self, classes: dict[str, np.ndarray], n_classes: int, per_class: int, seed: Any,
@@ -34,12 +35,9 @@ class ClassBatchSampler:
     ) -> None:  # fmt: skip
         if len(classes) < 2:
             raise MetarunError("train.contrastive_steps needs at least 2 meta-train classes")
-        self.names = sorted(classes)
-        self.pools = [classes[n] for n in self.names]
+        super().__init__(classes, seed, name_ids)
         self.n_classes = min(n_classes, len(self.names))  # all classes when fewer
         self.per_class = per_class
-        self.name_ids = name_ids
-        self.rng = np.random.default_rng(seed)
 
     def sample(self) -> Examples:
         chosen = self.rng.choice(len(self.names), size=self.n_classes, replace=False)
@@ -54,12 +52,6 @@ class ClassBatchSampler:
         classes = tuple(self.names[c] for c in chosen)
         return Examples(torch.from_numpy(np.concatenate(ids)),
                         torch.from_numpy(np.concatenate(labels)), classes)  # fmt: skip
-
-    def state_dict(self) -> dict:
-        return {"rng": self.rng.bit_generator.state}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.rng.bit_generator.state = state["rng"]
 
 
 def supcon_loss(embeddings: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -1,49 +1,20 @@
-"""Exact resume: every random state a run consumes, and the checks that a resumed run is the
-same run.
-
-A resumed run replays nothing it already did and draws exactly the random numbers the
-uninterrupted run would have drawn: Python's, NumPy's global, torch's CPU and CUDA generators,
-and (saved by the trainer) the episode sampler's own generator. Everything is stored as tensors
-and plain Python values so checkpoints load with `torch.load(weights_only=True)`.
-"""
+"""Resuming a run folder: the checks that the resumed run is the run that stopped (same config
+but for how long and where it runs, same data), and its metrics cut back to the resumed step.
+What the trainer saves and restores is train/progress.py's."""
 
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
 from omegaconf import OmegaConf
 
 from metarun.errors import MetarunError
 
-STATE_FILE = "last.pt"  # the resumable state; checkpoint.pt stays the best-validation weights
 # Keys a resumed run may change: how long it runs, how it reports, where it runs (prefixes:
 # "run_dir" covers run_dir_mode).
 MAY_CHANGE = ("train.steps", "train.resume", "train.patience", "logger", "hardware", "run_dir")
-
-
-def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state(legacy=False)
-    np_state["state"]["key"] = torch.from_numpy(np_state["state"]["key"].astype(np.int64))
-    state = {"python": random.getstate(), "numpy": np_state, "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np_state = dict(state["numpy"])
-    np_state["state"] = dict(np_state["state"])
-    np_state["state"]["key"] = np_state["state"]["key"].numpy().astype(np.uint32)
-    np.random.set_state(np_state)
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def flatten(cfg: dict, prefix: str = "") -> dict[str, Any]:

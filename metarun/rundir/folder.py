@@ -19,9 +19,9 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from metarun.errors import MetarunError
-from metarun.resume import STATE_FILE
 
 log = logging.getLogger("metarun")
+STATE_FILE = "last.pt"  # the resumable state; checkpoint.pt stays the best-validation weights
 # Files a run leaves; any of them without a resumable state means the folder holds another run.
 RUN_FILES = ("summary.json", "metrics.jsonl", "config.yaml", "checkpoint.pt",
              "test_episodes.json", "environment.json", STATE_FILE)  # fmt: skip

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from metarun.algo import Algorithm
 from metarun.errors import MetarunError
-from metarun.record import load_checkpoint
+from metarun.rundir.files import load_checkpoint
 
 log = logging.getLogger("metarun")
 # What must agree for weights to mean the same thing: the model and the algorithm's class.
