@@ -151,6 +151,26 @@ def check_pooling(cfg: DictConfig) -> None:
         )
 
 
+def check_prompt(cfg: DictConfig) -> None:
+    """An algorithm's prompt (instruction, template, separator) parses before any model loads;
+    the rules are the prompt format's own."""
+    algo = cfg.get("algo")
+    if isinstance(algo, DictConfig) and {"instruction", "template", "separator"} <= set(algo):
+        from metarun.backbone.prompts import PromptFormat
+
+        PromptFormat(algo.instruction, algo.template, algo.separator)
+
+
+def check_head(cfg: DictConfig) -> None:
+    """algo.head names a registered head (metarun/algo/heads: a new head adds its name there,
+    so the schema does not list them)."""
+    head = _value(cfg, "algo.head")
+    if head is not None:
+        from metarun.algo.heads import head_class
+
+        head_class(head)
+
+
 def _value(cfg: DictConfig, key: str) -> Any:
     return OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
 
@@ -174,3 +194,5 @@ def check_config(cfg: DictConfig) -> None:
     check_choices(cfg)
     check_values(cfg)
     check_pooling(cfg)
+    check_prompt(cfg)
+    check_head(cfg)

@@ -155,7 +155,7 @@ class InnerLoopFields(PromptFields):
 
     # linear: a head over pooled features | verbalizer (decoders): log-probabilities of the
     # label names after the prompt, so the decoder's own LM head classifies
-    head: str = choice("linear", "verbalizer")
+    head: str = "linear"  # one of metarun.algo.heads.HEADS (checked before anything loads)
     # Which weights the inner loop adapts: all | head | top_k | bias | lora; auto: lora with the
     # verbalizer head, all with the linear head
     adapt: str = choice("auto", "all", "head", "top_k", "bias", "lora")
@@ -232,7 +232,7 @@ class FineTuneConfig(FreshModuleFields, PromptFields):
     _target_: str = "metarun.algo.baselines.FineTune"
     # linear: a classifier over all meta-train classes, then a fresh head per test episode |
     # verbalizer (decoders): prompt-based training on the episodes' label names, then adaptation
-    head: str = choice("linear", "verbalizer")
+    head: str = "linear"  # one of metarun.algo.heads.HEADS (checked before anything loads)
     # What each test episode fits: head | top_k | bias | all | lora; auto: lora with the
     # verbalizer head, head with the linear one
     adapt: str = choice("auto", "head", "top_k", "bias", "all", "lora")

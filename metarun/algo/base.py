@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from metarun.backbone import Encoder, upcast
-from metarun.errors import MetarunError
 from metarun.task import Episode, Examples, TaskData
 
 Predictor = Callable[[Examples], torch.Tensor]
@@ -94,11 +93,10 @@ def fresh_module_groups(
     return [g for g in ({"params": rest}, {"params": own, "lr": lr}) if g["params"]]
 
 
-def register_log_scalar(module: nn.Module, name: str, value: float, learn: bool, key: str) -> None:
-    """A positive scalar (temperature, ridge penalty) kept as its log: learned when asked
-    (a parameter, optimised in log space so it stays positive), a fixed buffer otherwise."""
-    if value <= 0:
-        raise MetarunError(f"algo.{key}={value} must be positive")
+def register_log_scalar(module: nn.Module, name: str, value: float, learn: bool) -> None:
+    """A positive scalar (temperature, ridge penalty; checks.py keeps it positive) kept as its
+    log: learned when asked (a parameter, optimised in log space so it stays positive), a fixed
+    buffer otherwise."""
     log_value = torch.tensor(math.log(value))
     if learn:
         setattr(module, name, nn.Parameter(log_value))

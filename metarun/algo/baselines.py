@@ -120,8 +120,7 @@ class ZeroShot(Algorithm):
             raise MetarunError(f"algo.template={cfg.template!r} must contain {{label}}")
         self.template = cfg.template
         self.label_names: dict[str, str] = {}
-        register_log_scalar(self, "log_temperature", cfg.temperature, cfg.learn_temperature,
-                            "temperature")  # fmt: skip
+        register_log_scalar(self, "log_temperature", cfg.temperature, cfg.learn_temperature)
 
     def prepare(self, data: TaskData) -> None:
         self.label_names = dict(data.label_names)

@@ -69,8 +69,7 @@ class MatchingNet(Algorithm):
     def __init__(self, encoder: Encoder, way: int, cfg: MatchingNetConfig) -> None:
         super().__init__(encoder, way)
         self.head_lr = cfg.head_lr
-        register_log_scalar(self, "log_temperature", cfg.temperature, cfg.learn_temperature,
-                            "temperature")  # fmt: skip
+        register_log_scalar(self, "log_temperature", cfg.temperature, cfg.learn_temperature)
         dim = encoder.dim
         fce = cfg.fce
         self.fce = nn.LSTM(dim, dim // 2, bidirectional=True, batch_first=True) if fce else None

@@ -42,8 +42,7 @@ class ProtoNet(Algorithm):
                                "prototypes; use it with algo.eval_head=prototypes")  # fmt: skip
         self.metric, self.eval_head, self.c = cfg.metric, cfg.eval_head, cfg.c
         self.transductive_steps = cfg.transductive_steps
-        register_log_scalar(self, "log_temperature", cfg.temperature, cfg.learn_temperature,
-                            "temperature")  # fmt: skip
+        register_log_scalar(self, "log_temperature", cfg.temperature, cfg.learn_temperature)
 
     def adapt(self, support: Examples, way: int) -> Predictor:
         if self.eval_head == "logreg" and not self.training:

@@ -34,7 +34,7 @@ class RidgeHead(Algorithm):
 
     def __init__(self, encoder: Encoder, way: int, cfg: RidgeConfig) -> None:
         super().__init__(encoder, way)
-        register_log_scalar(self, "log_lambda", cfg.lam, cfg.learn_lambda, "lam")
+        register_log_scalar(self, "log_lambda", cfg.lam, cfg.learn_lambda)
         # R2D2's learnable output calibration: regression targets are 0/1, logits need a scale.
         self.scale = nn.Parameter(torch.tensor(float(cfg.scale)))
         self.bias = nn.Parameter(torch.tensor(0.0))
