@@ -13,6 +13,7 @@ and the `bench-llm:<device>` block of docs/BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench import (  # noqa: E402
     SHAPE,
     add_budget,
+    add_task,
     hardware_overrides,
     log,
     machine,
@@ -44,8 +46,8 @@ TRAIN = {
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    base = [*SHAPE, f"task.shots={args.shots}", *hardware_overrides(args),
-            f"backbone={args.backbone}"]  # fmt: skip
+    base = [*SHAPE, f"task.shots={args.shots}", *shlex.split(args.task),
+            *hardware_overrides(args), f"backbone={args.backbone}"]  # fmt: skip
     results: dict[str, Any] = {"train": {}, "icl": {}}
     for label, overrides in TRAIN.items():
         cell = run_cell("train", {"overrides": base + overrides, "warmup": args.warmup,
@@ -98,6 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--episodes", type=int, default=20, help="ICL episodes, shared prefix")
     p.add_argument("--unshared", type=int, default=3, help="ICL episodes scored pair by pair")
+    add_task(p)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--threads", type=int, default=0)

@@ -14,7 +14,7 @@ from benchmarks.reference_higher import EncoderClassifier, ReferenceMAML
 from metarun.algo import build_algorithm
 from metarun.report.blocks import replace_block
 from metarun.task import fixed_episodes
-from tests.conftest import REPO, dropout_free
+from tests.conftest import REPO, dropout_free, synthetic_rows
 
 
 def test_reference_higher_loop_computes_metaruns_second_order_maml(compose_cfg, synthetic_task):
@@ -33,7 +33,7 @@ def test_reference_higher_loop_computes_metaruns_second_order_maml(compose_cfg, 
     head = torch.nn.Linear(encoder.dim, 3).double()
     with torch.no_grad():
         head.weight.copy_(algo.inner.head.weight)
-        head.bias.copy_(algo.inner.head_bias)
+        head.bias.copy_(algo.inner.head.bias)
     ref = ReferenceMAML(EncoderClassifier(encoder.model, head), encoder.tokenizer,
                         encoder.max_length, 2, 0.25, 1e-3, 0.0)  # fmt: skip
     texts = encoder.table.texts
@@ -59,13 +59,23 @@ def test_replace_block_rewrites_only_between_its_markers(tmp_path):
 
 
 @pytest.mark.slow
+def small_task(tmp_path) -> str:
+    """The synthetic topics as the benchmark's task: ICD-10's 95,622 texts take each cell's
+    fresh interpreter seconds to read and tokenise, which a smoke test need not pay."""
+    path = tmp_path / "topics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows()))
+    return (f"task=local task.path={path} task.way=3 task.shots=2 task.queries=2 "
+            "task.class_split=[0.5,0.25,0.25]")  # fmt: skip
+
+
 def test_bench_smoke_on_the_tiny_backbone(tmp_path):
     out, md = tmp_path / "results.json", tmp_path / "BENCHMARKS.md"
     md.write_text("# Benchmarks\nHand-written analysis stays.\n")
     proc = subprocess.run(
         [sys.executable, "scripts/bench.py", "--backbones", "tiny", "--algos", "protonet,maml",
          "--steps", "1", "--warmup", "0", "--eval-episodes", "6", "--uncached", "2",
-         "--eval-backbones", "tiny", "--out", str(out), "--markdown", str(md)],
+         "--eval-backbones", "tiny", "--task", small_task(tmp_path), "--out", str(out),
+         "--markdown", str(md)],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -95,8 +105,8 @@ def test_llm_bench_smoke_on_a_tiny_llama(tmp_path):
     out, md = tmp_path / "results.json", tmp_path / "BENCHMARKS.md"
     proc = subprocess.run(
         [sys.executable, "scripts/bench_llm.py", "--backbone", "tiny-llama", "--steps", "1",
-         "--warmup", "0", "--episodes", "3", "--unshared", "3", "--out", str(out),
-         "--markdown", str(md)],
+         "--warmup", "0", "--episodes", "3", "--unshared", "3", "--task", small_task(tmp_path),
+         "--out", str(out), "--markdown", str(md)],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
