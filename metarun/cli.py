@@ -23,7 +23,8 @@ from omegaconf.errors import OmegaConfBaseException
 from metarun.config import register_configs
 from metarun.errors import MetarunError, RunInterrupted
 from metarun.hydra_errors import one_line
-from metarun.rundir import os_error_message
+from metarun.preflight import check_before_loading
+from metarun.rundir.folder import os_error_message
 
 log = logging.getLogger("metarun")
 
@@ -42,8 +43,6 @@ FAILED: list[str] = []  # a multirun's failed jobs, listed when the sweep ends
 
 @hydra.main(version_base="1.3", config_path="pkg://metarun.conf", config_name="config")
 def _app(cfg: DictConfig) -> float:
-    from metarun.experiment import run
-
     hc = HydraConfig.get()
     group = Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
     run_dir = Path(cfg.run_dir or cfg.train.resume or hc.runtime.output_dir)
@@ -52,6 +51,10 @@ def _app(cfg: DictConfig) -> float:
     }
     job = f"[job {hc.job.num}: {','.join(hc.overrides.task)}] " if group else ""
     try:
+        check_before_loading(cfg, run_dir, choices, group)  # a mistake: answered before torch loads
+        _quiet_libraries()
+        from metarun.experiment import run
+
         return run(cfg, run_dir, choices, group)
     except RunInterrupted as err:  # Ctrl-C stops a sweep too
         _fail(f"{job}{err}", err.exit_code)
@@ -208,7 +211,6 @@ def main() -> None:
         check_placement(args)
     except MetarunError as err:
         _fail(str(err))
-    _quiet_libraries()
     args = quote_paths(args)
     sys.argv[1:] = with_overrides(args, _placement_overrides(args))
     if os.environ.get("HYDRA_FULL_ERROR"):  # the user asked for Hydra's full traces

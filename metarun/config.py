@@ -110,7 +110,7 @@ class TrainConfig:
     # with them, so meta-training can only help on validation classes
     val_at_start: bool = False
     # Supervised contrastive pre-training of the encoder on the meta-train classes, as the first
-    # steps of the run (before `steps` episodic steps; validated like them): metarun/contrastive.py
+    # steps of the run (before `steps` episodic steps; validated like them): train/contrastive.py
     contrastive_steps: int = 0
     contrastive_classes: int = 16  # classes per batch (all meta-train classes when fewer)
     contrastive_per_class: int = 4  # texts per class in a batch

@@ -5,9 +5,7 @@ Read top to bottom, `run` is the whole experiment; each step is a small function
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,36 +14,30 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from metarun.algo import Algorithm, algorithm_class, algorithm_config, build_algorithm
+from metarun.algo import Algorithm, build_algorithm
 from metarun.backbone import Encoder, load_backbone
-from metarun.checks import check_config
 from metarun.config import MetarunConfig, TrainConfig
 from metarun.distributed import Dist, shutdown
 from metarun.errors import MetarunError, RunInterrupted, os_error_in
 from metarun.hardware import Hardware, peak_memory_mb, seed_everything, setup_hardware
 from metarun.interrupts import STOP
 from metarun.logger import Logger, build_logger
-from metarun.rundir import (
+from metarun.preflight import check_before_loading
+from metarun.rundir.files import git_commit, load_checkpoint, versions, write_json
+from metarun.rundir.folder import (
     STATE_FILE,
     FolderLock,
     attach_log,
-    check_same_data,
-    check_same_run,
     claim,
     clear,
     detach_log,
     file_log,
-    git_commit,
-    load_checkpoint,
     os_error_message,
     remove_stale_tmp,
-    run_files,
-    trim_metrics,
-    versions,
     write_hydra_files,
-    write_json,
 )
 from metarun.rundir.init_from import check_same_model, load_trained, source_config
+from metarun.rundir.resume import check_same_data, check_same_run, trim_metrics
 from metarun.task import (
     STREAM,
     EpisodeSampler,
@@ -120,34 +112,6 @@ def run_facts(cfg: MetarunConfig, data: TaskData | None, device: Any) -> dict[st
         "data": data.summary() if data is not None else None,
         "device": str(device),
     }  # fmt: skip
-
-
-def check_before_loading(
-    cfg: DictConfig, run_dir: Path, choices: dict[str, str], group: str | None
-) -> None:
-    """Keys, value ranges and the algorithm class, before any data, model or file. A sweep's
-    job still records in its own fresh folder why it never started (the sweep goes on); a
-    single command writes nothing, so the corrected command can use the same run_dir."""
-    try:
-        check_config(cfg)
-        cls = algorithm_class(cfg.algo.get("_target_"), cfg.get("algo_modules"))
-        algorithm_config(cfg.algo, cls)
-    except MetarunError as err:
-        main = os.environ.get("RANK", "0") == "0"
-        if group is not None and main and not run_files(run_dir):
-            run_dir.mkdir(parents=True, exist_ok=True)
-            failed = {"status": "failed", "error": str(err), "run_dir": str(run_dir), **choices}
-            write_json(run_dir / "summary.json", failed)
-        elif group is None and main:
-            remove_if_empty(run_dir)
-        raise
-
-
-def remove_if_empty(run_dir: Path) -> None:
-    """Hydra creates a run's folder before metarun sees the command: a command refused at
-    once should not leave an empty folder behind."""
-    with contextlib.suppress(OSError):  # not empty, or already gone: nothing to tidy
-        run_dir.rmdir()
 
 
 def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], group: str | None) -> float:

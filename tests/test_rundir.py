@@ -16,7 +16,7 @@ import pytest
 
 from metarun.errors import MetarunError, RunInterrupted
 from metarun.interrupts import StopSignals
-from metarun.rundir import LOCK_FILE, FolderLock
+from metarun.rundir.folder import LOCK_FILE, FolderLock
 from tests.cli_helpers import FAST, metarun, read_jsonl, run_dirs
 from tests.conftest import synthetic_rows
 
@@ -38,7 +38,7 @@ def test_a_folder_lock_refuses_a_second_holder_and_leaves_nothing_behind(tmp_pat
 def test_the_kernel_releases_the_lock_of_a_killed_process(tmp_path):
     run = tmp_path / "run"
     code = (
-        "import sys, time; from pathlib import Path; from metarun.rundir import FolderLock; "
+        "import sys, time; from pathlib import Path; from metarun.rundir.folder import FolderLock; "
         "FolderLock(Path(sys.argv[1])).acquire(); print('locked', flush=True); time.sleep(60)"
     )
     holder = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE,

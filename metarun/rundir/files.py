@@ -13,8 +13,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
 
-import torch
-
 from metarun.errors import MetarunError, os_error_in
 
 PACKAGES = (
@@ -101,6 +99,8 @@ def write_json(path: Path, data: Any) -> None:
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     with atomic(path, "wb") as f:
+        import torch  # here, not at the top: the CLI's early checks never need it
+
         torch.save(payload, f)
 
 
@@ -111,6 +111,8 @@ RESUME_ADVICE = ("resume from another run folder, or start afresh with run_dir_m
 def load_checkpoint(path: Path, advice: str = RESUME_ADVICE) -> dict[str, Any]:
     """A checkpoint's contents; a truncated or foreign file is one line saying what to do
     (`advice`: resuming a run and reusing its weights call for different fixes)."""
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

@@ -22,7 +22,7 @@ from metarun.distributed import Dist
 from metarun.errors import MetarunError
 from metarun.interrupts import STOP
 from metarun.logger import Logger
-from metarun.rundir import save_checkpoint
+from metarun.rundir.files import save_checkpoint
 from metarun.task import Episode, EpisodeSampler
 from metarun.train.batches import Runtime, contrastive_losses, episodic_losses
 from metarun.train.contrastive import ContrastiveStage
