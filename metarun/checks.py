@@ -60,6 +60,7 @@ LIMITS: dict[str, Limit | list[Limit]] = {
     "algo.eval_lr": (0, ABOVE),
     "algo.head_lr": (0, ABOVE),
     "algo.top_k": (1, AT_LEAST),
+    "algo.adapt_layers": (0, AT_LEAST),
     "algo.lora_r": (1, AT_LEAST),
     "algo.lora_alpha": (0, ABOVE),
     "algo.temperature": (0, ABOVE),

@@ -160,6 +160,12 @@ class InnerLoopFields(PromptFields):
     # verbalizer head, all with the linear head
     adapt: str = choice("auto", "all", "head", "top_k", "bias", "lora")
     top_k: int = 2  # with adapt=top_k: the last k transformer layers (and the head)
+    # Only tensors of the last N transformer blocks adapt (LoRA is injected there only); 0: the
+    # blocks `adapt` names. The blocks below the lowest adapted one then run once per episode.
+    adapt_layers: int = 0
+    # Blocks below the lowest adapted one run once per episode, not at every inner step (exact:
+    # evaluation, or training without dropout; backbone/bottom.py); false: every step
+    cache_frozen_layers: bool = True
     inner_steps: int = 5
     eval_inner_steps: int = 10
     # None: 0.1 when LoRA adapts (B starts at zero, its gradients are small), else 1e-3 (the
@@ -237,6 +243,8 @@ class FineTuneConfig(FreshModuleFields, PromptFields):
     # verbalizer head, head with the linear one
     adapt: str = choice("auto", "head", "top_k", "bias", "all", "lora")
     top_k: int = 1
+    adapt_layers: int = 0  # as the gradient-based algorithms' (only the last N blocks adapt)
+    cache_frozen_layers: bool = True  # as theirs: blocks below the adapted ones run once
     lora_r: int = 8  # with adapt=lora
     lora_alpha: int = 16
     eval_steps: int = 50  # gradient steps on each episode's support set

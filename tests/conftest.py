@@ -106,3 +106,16 @@ def dropout_free(compose_cfg, task, *overrides: str):
     encoder = load_backbone(backbone)
     encoder.set_texts(task.texts)
     return cfg, encoder
+
+
+@pytest.fixture
+def float64_rmsnorm(monkeypatch):
+    """transformers' Llama RMSNorm computes in float32 whatever its input's dtype; a finite
+    difference check needs float64 throughout, so the same formula without the cast."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    def forward(self, hidden):
+        variance = hidden.pow(2).mean(-1, keepdim=True)
+        return self.weight * (hidden * torch.rsqrt(variance + self.variance_epsilon))
+
+    monkeypatch.setattr(LlamaRMSNorm, "forward", forward)

@@ -40,19 +40,6 @@ def make(compose_cfg, synthetic_task):
 
 
 @pytest.fixture
-def float64_rmsnorm(monkeypatch):
-    """transformers' Llama RMSNorm computes in float32 whatever its input's dtype; a finite
-    difference check needs float64 throughout, so the same formula without the cast."""
-    from transformers.models.llama.modeling_llama import LlamaRMSNorm
-
-    def forward(self, hidden):
-        variance = hidden.pow(2).mean(-1, keepdim=True)
-        return self.weight * (hidden * torch.rsqrt(variance + self.variance_epsilon))
-
-    monkeypatch.setattr(LlamaRMSNorm, "forward", forward)
-
-
-@pytest.fixture
 def episodes(synthetic_task):
     return fixed_episodes(synthetic_task.splits["train"], 3, 2, 3, 2, 0, "train")
 

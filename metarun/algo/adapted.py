@@ -29,12 +29,15 @@ def encoder_params(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] |
     return own or None
 
 
-def inject_lora(model: nn.Module, r: int, alpha: int, targets: list[str]) -> None:
-    """Add LoRA tensors (peft) to the `targets` linear layers (backbone.lora_targets), in
-    place; they start trainable."""
+def inject_lora(model: nn.Module, r: int, alpha: int, targets: list[str], layers: int = 0) -> None:
+    """Add LoRA tensors (peft) to the `targets` linear layers (backbone.lora_targets) of the
+    last `layers` transformer blocks (0: all), in place; they start trainable."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets))
+    last = list(range(first_block(model, layers), len(transformer_layers(model))))
+    last = last if layers else None
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets),
+                        layers_to_transform=last)  # fmt: skip
     # peft freezes the base weights; whether they meta-train stays backbone.trainable's choice
     # (backbone.trainable=none is the memory-lean setting: only LoRA and the head learn).
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -59,8 +62,41 @@ def untied_input_embedding(model: nn.Module) -> str | None:
     return next((n for n, p in model.named_parameters() if p is table), None)
 
 
-def adapted_names(model: nn.Module, adapt: str, top_k: int) -> list[str]:
-    """Names (as in `model.named_parameters()`) of the tensors the inner loop updates."""
+def adapted_names(model: nn.Module, adapt: str, top_k: int, layers: int = 0) -> list[str]:
+    """Names (as in `model.named_parameters()`) of the tensors the inner loop updates; with
+    `layers`, only those of the last `layers` transformer blocks."""
+    names = _adapted(model, adapt, top_k)
+    if layers <= 0:
+        return names
+    found, first = block_of(model), first_block(model, layers)
+    return [n for n in names if found.get(n, -1) >= first]
+
+
+def first_block(model: nn.Module, layers: int) -> int:
+    """The index of the first of the last `layers` transformer blocks."""
+    blocks = len(transformer_layers(model))
+    if layers > blocks:
+        raise MetarunError(f"algo.adapt_layers={layers}; the backbone has {blocks} layers")
+    return blocks - layers
+
+
+def block_of(model: nn.Module) -> dict[str, int]:
+    """Each parameter name inside a transformer block -> that block's index."""
+    ids = {id(p): i for i, layer in enumerate(transformer_layers(model))
+           for p in layer.parameters()}  # fmt: skip
+    return {n: ids[id(p)] for n, p in model.named_parameters() if id(p) in ids}
+
+
+def frozen_split(model: nn.Module, names: list[str]) -> int:
+    """The lowest block holding an adapted tensor: every block below it sees the same inputs at
+    each inner step. 0 when something outside the blocks adapts (the embedding table)."""
+    found = block_of(model)
+    if not names or any(n not in found for n in names):
+        return 0
+    return min(found[n] for n in names)
+
+
+def _adapted(model: nn.Module, adapt: str, top_k: int) -> list[str]:
     names = [n for n, _ in model.named_parameters()]
     if adapt == "head":
         return []

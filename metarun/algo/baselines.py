@@ -47,7 +47,8 @@ def per_episode_fit(cfg: FineTuneConfig) -> InnerLoopFields:
     adapt = resolve_adapt(cfg.adapt, cfg.head, "head")
     fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(PromptFields)}
     return InnerLoopFields(
-        **fields, head=cfg.head, adapt=adapt, top_k=cfg.top_k, inner_steps=0,
+        **fields, head=cfg.head, adapt=adapt, top_k=cfg.top_k, adapt_layers=cfg.adapt_layers,
+        cache_frozen_layers=cfg.cache_frozen_layers, inner_steps=0,
         eval_inner_steps=cfg.eval_steps, inner_lr=inner_rate(cfg.eval_lr, adapt, 0.5),
         head_init="zeros", inner_optimizer=cfg.inner_optimizer, lora_r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,

@@ -18,6 +18,7 @@ from torch import nn
 
 from metarun.algo.adapted import (
     adapted_names,
+    frozen_split,
     inject_lora,
     inner_rate,
     untied_input_embedding,
@@ -48,9 +49,10 @@ def build_inner_loop(
     adapt = resolve_adapt(cfg.adapt, cfg.head, linear_default)
     lr = inner_rate(cfg.inner_lr, adapt)
     if adapt == "lora":
-        inject_lora(encoder.model, cfg.lora_r, cfg.lora_alpha, encoder.lora_targets)
+        inject_lora(encoder.model, cfg.lora_r, cfg.lora_alpha, encoder.lora_targets,
+                    cfg.adapt_layers)  # fmt: skip
     head = build_head(encoder, way, cfg)
-    names = adapted_names(encoder.model, adapt, cfg.top_k)
+    names = adapted_names(encoder.model, adapt, cfg.top_k, cfg.adapt_layers)
     if adapt != "head" and not names:
         raise MetarunError(f"algo.adapt={adapt}: {encoder.name} has no such weights to adapt")
     return InnerLoop(encoder, head, names, cfg, lr, learn_lr)
@@ -63,6 +65,8 @@ class InnerLoop(nn.Module):
     ) -> None:  # fmt: skip
         super().__init__()
         self.names = names
+        # Blocks below `split` hold nothing adapted: they run once per episode (bottom.py)
+        self.split = frozen_split(encoder.model, names) if cfg.cache_frozen_layers else 0
         # The input embedding table adapts only in the rows of the episode's tokens (the others
         # get zero gradient): the inner loop carries those rows, not the whole vocabulary,
         # where the head reads nothing but the episode's tokens.
@@ -114,7 +118,9 @@ class InnerLoop(nn.Module):
         (second order, encoder weights adapted) keeps no graph per step: see algo/recompute.py.
         """
         checkpoint = checkpoint and track and create_graph and bool(self.names)
-        with torch.enable_grad():
+        # A checkpointed step recomputes its forward from its own inputs only: no saved bottom
+        bottom = encoder.frozen_below(0 if checkpoint else self.split, keep_graph=track)
+        with torch.enable_grad(), bottom:
             vocab = encoder.local_vocab(support.ids) if self.table else None
             params, table = self.start(encoder, track, vocab)
             labels = support.labels.to(encoder.device)

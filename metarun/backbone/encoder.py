@@ -8,7 +8,7 @@ once); within `cached` the unadapted embeddings of a block's texts are computed 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -16,6 +16,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
+from metarun.backbone.bottom import FrozenBottom, has_dropout, transformer_layers
 from metarun.backbone.cache import EmbeddingCache
 from metarun.backbone.packing import PACKABLE
 from metarun.backbone.table import TextTable
@@ -51,6 +52,7 @@ class Encoder(nn.Module):
         self.model, self.tokenizer, self.pooling = model, tokenizer, cfg.pooling
         self.max_length = cfg.max_length
         self.table = TextTable(model, tokenizer, cfg, self.special_tokens)
+        self.bottom: FrozenBottom | None = None  # within frozen_below: the saved lower blocks
         if cfg.packing == "always" and self.table.pack_start is None:
             raise MetarunError(
                 f"backbone.packing=always: {self.name} ({model.config.model_type}) cannot be "
@@ -138,14 +140,30 @@ class Encoder(nn.Module):
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
 
     def _hidden(self, inputs: dict, params: dict | None) -> torch.Tensor:
-        body = self.body
-        if params:
-            cut = len(self.body_prefix)
-            own = {k[cut:]: v for k, v in params.items() if k.startswith(self.body_prefix)}
-            out = functional_call(body, own, args=(), kwargs=inputs, strict=False)
-        else:
-            out = body(**inputs)
-        return out.last_hidden_state
+        body, cut = self.body, len(self.body_prefix)
+        own = {k[cut:]: v for k, v in (params or {}).items() if k.startswith(self.body_prefix)}
+        if self.bottom is not None:
+            return self.bottom.hidden(inputs, own)
+        if own:
+            return functional_call(
+                body, own, args=(), kwargs=inputs, strict=False
+            ).last_hidden_state
+        return body(**inputs).last_hidden_state
+
+    @contextlib.contextmanager
+    def frozen_below(self, split: int, keep_graph: bool) -> Iterator[None]:
+        """Within the block, blocks below `split` run once per distinct input (nothing below it
+        may adapt): see bottom.py. Nothing is saved where that would not be exact: dropout
+        active below `split`, or activation checkpointing (whose recomputation replays)."""
+        if split <= 0 or self.checkpointing or (self.model.training and has_dropout(self.model)):
+            yield
+            return
+        layers = transformer_layers(self.model)
+        self.bottom = FrozenBottom(self.body, layers, split, keep_graph)
+        try:
+            yield
+        finally:
+            self.bottom = None
 
     def _hidden_math(self, inputs: dict, params: dict | None) -> torch.Tensor:
         """The checkpointed forward. Recomputation happens during backward, outside any caller's

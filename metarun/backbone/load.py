@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from metarun.backbone.bottom import transformer_layers
 from metarun.backbone.decoder import Decoder
 from metarun.backbone.encoder import Encoder
 from metarun.backbone.weights import load_pretrained
@@ -15,15 +16,6 @@ from metarun.config import BackboneConfig
 from metarun.errors import MetarunError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-def transformer_layers(model: nn.Module) -> nn.ModuleList:
-    """The transformer's block list: the ModuleList as long as the model has layers."""
-    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == n:
-            return module
-    raise MetarunError(f"cannot find the {n} transformer layers of {type(model).__name__}")
 
 
 def set_trainable(model: nn.Module, trainable: str, top_k: int) -> None:

@@ -1,0 +1,119 @@
+"""Adapt the top, compute the bottom once.
+
+When an inner loop adapts only tensors of the top transformer blocks (`algo.adapt=top_k`, or
+LoRA / biases in the last `algo.adapt_layers` blocks), the blocks below see the same inputs at
+every inner step: inside `Encoder.frozen_below(split)` they run once per distinct input (an
+episode's support batch or prompt trees), and every step replays only the blocks from `split`
+up, from the saved input of block `split` (its hidden states and the mask and position
+arguments the model gave it). Exact where the bottom is deterministic: evaluation, or training
+without dropout (decoders such as Llama and SmolLM2 have none); `frozen_split` says when.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from metarun.errors import MetarunError
+
+FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
+
+
+def transformer_layers(model: nn.Module) -> nn.ModuleList:
+    """The transformer's block list: the ModuleList as long as the model has layers."""
+    n = getattr(model.config, "num_hidden_layers", None) or getattr(model.config, "n_layer", None)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n:
+            return module
+    raise MetarunError(f"cannot find the {n} transformer layers of {type(model).__name__}")
+
+
+def has_dropout(model: nn.Module) -> bool:
+    """Whether a forward in training mode draws dropout masks (modules or attention's rate)."""
+    if any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()):
+        return True
+    return any(float(getattr(m, "attention_dropout", 0.0) or 0.0) > 0 for m in model.modules())
+
+
+class _Reached(Exception):
+    """Raised by the hook on block `split` once it has its inputs: the rest is not run."""
+
+
+def final_norm(body: nn.Module) -> tuple[str, nn.Module] | None:
+    """The module between the last block and the last hidden states (Llama's `norm`, GPT-2's
+    `ln_f`); None for BERT-style encoders, whose last block's output is the result."""
+    for name in FINAL_NORMS:
+        module = getattr(body, name, None)
+        if isinstance(module, nn.Module):
+            return name, module
+    return None
+
+
+def fingerprint(inputs: dict[str, torch.Tensor]) -> str:
+    """What a forward's inputs hold (ids, masks, positions), as a short digest."""
+    digest = hashlib.blake2b(digest_size=16)
+    for key in sorted(inputs):
+        value = inputs[key]
+        digest.update(f"{key}{value.dtype}{tuple(value.shape)}".encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class FrozenBottom:
+    def __init__(self, body: nn.Module, layers: nn.ModuleList, split: int, keep_graph: bool):
+        self.body, self.layers, self.split, self.keep_graph = body, layers, split, keep_graph
+        self.layers_name = next(n for n, m in body.named_modules() if m is layers)
+        self.final = final_norm(body)
+        accepts = "use_cache" in inspect.signature(body.forward).parameters
+        self.no_cache = {"use_cache": False} if accepts else {}
+        self.saved: dict[str, tuple[torch.Tensor, tuple, dict[str, Any]]] = {}
+
+    def hidden(self, inputs: dict[str, torch.Tensor], params: dict[str, torch.Tensor]):
+        """The last hidden states of `inputs`, with `params` (named as in the body) adapting
+        only blocks from `split` up and the final norm."""
+        key = fingerprint(inputs)
+        if key not in self.saved:
+            self.saved[key] = self.bottom(inputs)
+        hidden, args, kwargs = self.saved[key]
+        for index in range(self.split, len(self.layers)):
+            own = self.own(params, f"{self.layers_name}.{index}.")
+            layer = self.layers[index]
+            out = functional_call(layer, own, (hidden, *args), kwargs, strict=False) if own \
+                else layer(hidden, *args, **kwargs)  # fmt: skip
+            hidden = out[0] if isinstance(out, tuple) else out
+        if self.final is not None:
+            name, norm = self.final
+            own = self.own(params, f"{name}.")
+            hidden = functional_call(norm, own, (hidden,)) if own else norm(hidden)
+        return hidden
+
+    @staticmethod
+    def own(params: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
+
+    def bottom(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, tuple, dict]:
+        """The input of block `split`: the body runs up to it, with the model's own weights
+        (nothing below `split` adapts), keeping its graph only when the caller tracks one."""
+        seen: dict[str, Any] = {}
+
+        def reached(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            seen["args"], seen["kwargs"] = args, kwargs
+            raise _Reached
+
+        handle = self.layers[self.split].register_forward_pre_hook(reached, with_kwargs=True)
+        try:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.keep_graph):
+                # no key/value cache: its object would reach the replayed blocks, which would
+                # append to it at every step (outputs are the same without it)
+                self.body(**inputs, **self.no_cache)
+        except _Reached:
+            pass
+        finally:
+            handle.remove()
+        args = seen["args"]
+        return args[0], args[1:], seen["kwargs"]
