@@ -163,15 +163,16 @@ def parameter_count(encoder: Encoder) -> int:
     return sum(p.numel() for p in encoder.model.parameters())
 
 
-def build_for_eval(overrides: list[str], episodes: int):
-    """(device, autocast, encoder, prepared algorithm, the first `episodes` test episodes)."""
+def build_for_eval(overrides: list[str], episodes: int, split: str = "test"):
+    """(device, autocast, encoder, prepared algorithm, the first `episodes` fixed episodes of
+    `split`: test, or valid where a choice is being made)."""
     typed, cfg, device, autocast, data, encoder = build(overrides)
     algo = build_algorithm(cfg.algo, encoder, typed.task.way).to(device)
     algo.prepare(data)
     task = typed.task
-    test = fixed_episodes(data.splits["test"], task.way, task.shots, task.queries, episodes,
-                          task.eval_seed, "test")  # fmt: skip
-    return device, autocast, encoder, algo, test
+    fixed = fixed_episodes(data.splits[split], task.way, task.shots, task.queries, episodes,
+                           task.eval_seed, split)  # fmt: skip
+    return device, autocast, encoder, algo, fixed
 
 
 # ---------------------------------------------------------------- cells
@@ -291,6 +292,22 @@ def icl_cell(overrides: list[str], episodes: int, unshared: int) -> dict[str, An
     return out
 
 
+def adapt_cell(overrides: list[str], episodes: int, split: str) -> dict[str, Any]:
+    """Adapted episodes per second (each: the inner loop on its support set, then its queries)
+    and their accuracies, on the fixed episodes of `split` (valid: choices are made there)."""
+    device, autocast, encoder, algo, fixed = build_for_eval(overrides, episodes, split)
+    reset_peak(device)
+    sync(device)
+    start = time.perf_counter()
+    result = evaluate(algo, fixed, autocast)
+    sync(device)
+    seconds = time.perf_counter() - start
+    return {"episodes": episodes, "split": split, "seconds": seconds,
+            "episodes_per_second": episodes / seconds, "acc": result.acc, "ci95": result.ci95,
+            "accuracies": result.accuracies.tolist(), "peak_mb": peak_mb(device),
+            "params": parameter_count(encoder), "device": str(device)}  # fmt: skip
+
+
 @contextlib.contextmanager
 def uncached_eval(algo) -> Iterator[None]:
     """Evaluation that encodes every episode's texts anew: what the cache saves."""
@@ -303,4 +320,4 @@ def uncached_eval(algo) -> Iterator[None]:
 
 
 CELLS = {"train": train_cell, "reference": reference_cell, "matmul_peak": matmul_peak_cell,
-         "eval": eval_cell, "icl": icl_cell}  # fmt: skip
+         "eval": eval_cell, "icl": icl_cell, "adapt": adapt_cell}  # fmt: skip

@@ -1,10 +1,15 @@
 """Decoder-LLM benchmarks: LoRA second-order MAML with the verbalizer head, with and without
-checkpointed inner steps, and in-context learning with and without shared-prefix scoring.
+checkpointed inner steps and with LoRA in the last k blocks only (the blocks below run once
+per episode); in-context learning with and without shared-prefix scoring; and test-time
+adaptation of the LoRA verbalizer on validation episodes, LoRA in every block against the last
+k blocks (speed and paired accuracy: the choice of k is made on validation classes).
 
     python scripts/bench_llm.py                        # CPU, backbone=smollm2 (offline)
     python scripts/bench_llm.py --device cuda --precision bf16 \
         --out benchmarks/results-llm-cuda.json
     python scripts/bench_llm.py --backbone tiny-llama --steps 1 --warmup 0 --episodes 2  # smoke
+    python scripts/bench_llm.py --task "task=banking77 task.data_dir=../shared/data/banking77" \
+        --adapt-layers 2,4 --adapt-episodes 20   # validation episodes of BANKING77 split 01
 
 Each cell runs in a fresh process (scripts/bench.py's `run_cell`). Writes a JSON results file
 and the `bench-llm:<device>` block of docs/BENCHMARKS.md.
@@ -48,8 +53,11 @@ TRAIN = {
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     base = [*SHAPE, f"task.shots={args.shots}", *shlex.split(args.task),
             *hardware_overrides(args), f"backbone={args.backbone}"]  # fmt: skip
-    results: dict[str, Any] = {"train": {}, "icl": {}}
-    for label, overrides in TRAIN.items():
+    results: dict[str, Any] = {"train": {}, "icl": {}, "adapt": {}}
+    train = dict(TRAIN)
+    for k in args.adapt_layers:  # LoRA in the last k blocks only: the bottom runs once
+        train[f"maml-lora-verbalizer-top{k}"] = [*VERBALIZER, f"algo.adapt_layers={k}"]
+    for label, overrides in train.items():
         cell = run_cell("train", {"overrides": base + overrides, "warmup": args.warmup,
                                   "steps": args.steps}, args.threads)  # fmt: skip
         results["train"][label] = cell
@@ -58,7 +66,29 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                             "unshared": args.unshared}, args.threads)  # fmt: skip
     results["icl"] = cell
     log(f"{args.backbone}/icl: {cell}")
+    if args.adapt_episodes:
+        results["adapt"] = measure_adapt(args, base)
     return results
+
+
+def measure_adapt(args: argparse.Namespace, base: list[str]) -> dict[str, Any]:
+    """Test-time adaptation of the LoRA verbalizer (eval_steps inner steps per episode) on the
+    same validation episodes: LoRA in every block (today's path), then in the last k blocks
+    with the blocks below run once per episode, and (smallest k) run at every step."""
+    common = [*base, *VERBALIZER, f"algo.eval_inner_steps={args.eval_steps}"]
+    variants = {"all": []}
+    for k in args.adapt_layers:
+        variants[f"top{k}"] = [f"algo.adapt_layers={k}"]
+    if args.adapt_layers:
+        k = min(args.adapt_layers)
+        variants[f"top{k}-uncached"] = [f"algo.adapt_layers={k}", "algo.cache_frozen_layers=false"]
+    cells = {}
+    for label, extra in variants.items():
+        cells[label] = run_cell("adapt", {"overrides": common + extra,
+                                          "episodes": args.adapt_episodes, "split": "valid"},
+                                args.threads)  # fmt: skip
+        log(f"{args.backbone}/adapt {label}: {cells[label]}")
+    return cells
 
 
 def render(payload: dict[str, Any]) -> str:
@@ -89,7 +119,37 @@ def render(payload: dict[str, Any]) -> str:
                          f"{100 * c['acc']:.1f} |")  # fmt: skip
         speedup = icl["shared"]["episodes_per_second"] / icl["unshared"]["episodes_per_second"]
         lines.append(f"\nShared-prefix scoring: {speedup:.1f}x the episodes/s.")
+    if res.get("adapt"):
+        lines += ["", *render_adapt(res["adapt"])]
     return "\n".join(lines)
+
+
+ADAPT_NAMES = {"all": "LoRA in every block (the path before issue 25)"}
+
+
+def render_adapt(cells: dict[str, Any]) -> list[str]:
+    """The adaptation cells: speed against LoRA in every block, on the same validation
+    episodes (accuracy paired: mean difference of the episodes' accuracies)."""
+    base = cells.get("all", {})
+    lines = ["| LoRA verbalizer, test-time adaptation (validation episodes) | episodes/s | "
+             "speed-up | accuracy | paired difference |", "|---|---|---|---|---|"]  # fmt: skip
+    for label, cell in cells.items():
+        if "error" in cell:
+            lines.append(f"| {label} | {failure(cell)} | | | |")
+            continue
+        name = ADAPT_NAMES.get(label) or (
+            f"LoRA in the last {label[3:].split('-')[0]} blocks, "
+            + ("lower blocks at every step" if label.endswith("uncached") else
+               "lower blocks once per episode")
+        )  # fmt: skip
+        speed = diff = ""
+        if "error" not in base and base:
+            speed = f"{cell['episodes_per_second'] / base['episodes_per_second']:.1f}x"
+            pairs = [a - b for a, b in zip(cell["accuracies"], base["accuracies"], strict=True)]
+            diff = f"{100 * sum(pairs) / len(pairs):+.1f}"
+        lines.append(f"| {name} | {cell['episodes_per_second']:.3f} | {speed} | "
+                     f"{100 * cell['acc']:.1f} ± {100 * cell['ci95']:.1f} | {diff} |")  # fmt: skip
+    return lines
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -100,6 +160,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--episodes", type=int, default=20, help="ICL episodes, shared prefix")
     p.add_argument("--unshared", type=int, default=3, help="ICL episodes scored pair by pair")
+    p.add_argument(
+        "--adapt-layers",
+        type=lambda s: [int(k) for k in s.split(",") if k],
+        default=[2, 4],
+        help="LoRA in the last k blocks: train and adapt cells",
+    )
+    p.add_argument(
+        "--adapt-episodes",
+        type=int,
+        default=20,
+        help="validation episodes per adaptation cell (0: none)",
+    )
+    p.add_argument("--eval-steps", type=int, default=10, help="inner steps per test episode")
     add_task(p)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))

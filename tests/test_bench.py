@@ -105,7 +105,8 @@ def test_llm_bench_smoke_on_a_tiny_llama(tmp_path):
     out, md = tmp_path / "results.json", tmp_path / "BENCHMARKS.md"
     proc = subprocess.run(
         [sys.executable, "scripts/bench_llm.py", "--backbone", "tiny-llama", "--steps", "1",
-         "--warmup", "0", "--episodes", "3", "--unshared", "3", "--task", small_task(tmp_path),
+         "--warmup", "0", "--episodes", "3", "--unshared", "3", "--adapt-layers", "1",
+         "--adapt-episodes", "2", "--eval-steps", "2", "--task", small_task(tmp_path),
          "--out", str(out), "--markdown", str(md)],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
@@ -120,7 +121,14 @@ def test_llm_bench_smoke_on_a_tiny_llama(tmp_path):
     icl = res["icl"]
     assert icl["shared"]["episodes"] == icl["unshared"]["episodes"] == 3
     assert icl["shared"]["acc"] == icl["unshared"]["acc"]
-    assert "<!-- bench-llm:cpu:begin -->" in md.read_text()
+    adapt = res["adapt"]
+    assert set(adapt) == {"all", "top1", "top1-uncached"}
+    for cell in adapt.values():
+        assert "error" not in cell and cell["episodes"] == 2 and cell["split"] == "valid"
+    # The bottom once per episode or at every step: the same numbers (bottom.py is exact)
+    assert adapt["top1"]["accuracies"] == adapt["top1-uncached"]["accuracies"]
+    text = md.read_text()
+    assert "<!-- bench-llm:cpu:begin -->" in text and "LoRA in the last 1 blocks" in text
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a CPU-only machine")
