@@ -3,12 +3,15 @@ adapted one run once per episode, and every number equals the path that runs the
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from metarun.algo import build_algorithm
 from metarun.backbone import load_backbone, transformer_layers
+from metarun.backbone.bottom import replayable
 from metarun.task import fixed_episodes
 from metarun.train.evaluate import evaluate
 
@@ -106,3 +109,26 @@ def test_nothing_is_cached_when_a_bottom_tensor_adapts(make):
     layers = len(transformer_layers(lora.encoder.model))
     assert lora.inner.split == layers - 1
     assert all(f"layers.{layers - 1}." in n for n in lora.inner.names)
+
+
+def test_only_architectures_whose_blocks_share_their_arguments_are_replayed(
+    make, episodes, monkeypatch
+):
+    """A model whose blocks take different masks (sliding-window layers, per-layer configs) or
+    an architecture not known to pass every block the same arguments runs every block."""
+
+    def model(kind: str, **config):
+        return SimpleNamespace(config=SimpleNamespace(model_type=kind, **config))
+
+    assert replayable(model("llama")) and replayable(model("bert"))
+    assert not replayable(model("llama", layer_types=["sliding_attention", "full_attention"]))
+    assert not replayable(model("gemma2"))
+    algo, calls = make("tiny-llama", "algo=maml", "algo.adapt=top_k", "algo.top_k=1",
+                       "algo.inner_steps=3")  # fmt: skip
+    with torch.no_grad():
+        algo.eval().adapt(episodes[0].support, 3)(episodes[0].query)
+    cached, calls[0] = calls[0], 0
+    monkeypatch.setattr("metarun.backbone.encoder.replayable", lambda model: False)
+    with torch.no_grad():
+        algo.adapt(episodes[0].support, 3)(episodes[0].query)
+    assert calls[0] > cached

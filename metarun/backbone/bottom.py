@@ -5,8 +5,9 @@ LoRA / biases in the last `algo.adapt_layers` blocks), the blocks below see the 
 every inner step: inside `Encoder.frozen_below(split)` they run once per distinct input (an
 episode's support batch or prompt trees), and every step replays only the blocks from `split`
 up, from the saved input of block `split` (its hidden states and the mask and position
-arguments the model gave it). Exact where the bottom is deterministic: evaluation, or training
-without dropout (decoders such as Llama and SmolLM2 have none); `frozen_split` says when.
+arguments the model gave it). Exact where the bottom is deterministic (evaluation, or training
+without dropout: decoders such as Llama and SmolLM2 have none) and every block takes the same
+arguments (`replayable`); `Encoder.frozen_below` runs every block elsewhere.
 """
 
 from __future__ import annotations
@@ -22,6 +23,19 @@ from torch.func import functional_call
 from metarun.errors import MetarunError
 
 FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
+# Architectures whose blocks all take the same mask and position arguments, so the arguments
+# captured for one block serve every block above it (tests: BERT, GPT-2, Llama). Others, and
+# models mixing attention types (sliding-window layers get another mask), run every block.
+REPLAYABLE = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "gpt2", "llama",
+              "mistral", "qwen2", "qwen3")  # fmt: skip
+
+
+def replayable(model: nn.Module) -> bool:
+    config = model.config
+    if getattr(config, "_heterogeneity_spec", None) is not None:  # per-layer configs
+        return False
+    kinds = set(getattr(config, "layer_types", None) or ())
+    return config.model_type in REPLAYABLE and len(kinds) <= 1
 
 
 def transformer_layers(model: nn.Module) -> nn.ModuleList:

@@ -16,7 +16,7 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from metarun.backbone.bottom import FrozenBottom, has_dropout, transformer_layers
+from metarun.backbone.bottom import FrozenBottom, has_dropout, replayable, transformer_layers
 from metarun.backbone.cache import EmbeddingCache
 from metarun.backbone.packing import PACKABLE
 from metarun.backbone.table import TextTable
@@ -154,8 +154,10 @@ class Encoder(nn.Module):
     def frozen_below(self, split: int, keep_graph: bool) -> Iterator[None]:
         """Within the block, blocks below `split` run once per distinct input (nothing below it
         may adapt): see bottom.py. Nothing is saved where that would not be exact: dropout
-        active below `split`, or activation checkpointing (whose recomputation replays)."""
-        if split <= 0 or self.checkpointing or (self.model.training and has_dropout(self.model)):
+        active in training, activation checkpointing (whose recomputation replays), or an
+        architecture whose blocks take different arguments."""
+        dropout = self.model.training and has_dropout(self.model)
+        if split <= 0 or self.checkpointing or dropout or not replayable(self.model):
             yield
             return
         layers = transformer_layers(self.model)
