@@ -54,7 +54,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     base = [*SHAPE, f"task.shots={args.shots}", *shlex.split(args.task),
             *hardware_overrides(args), f"backbone={args.backbone}"]  # fmt: skip
     results: dict[str, Any] = {"train": {}, "icl": {}, "adapt": {}}
-    train = dict(TRAIN)
+    train = {k: v for k, v in TRAIN.items() if k in args.train}
     for k in args.adapt_layers:  # LoRA in the last k blocks only: the bottom runs once
         train[f"maml-lora-verbalizer-top{k}"] = [*VERBALIZER, f"algo.adapt_layers={k}"]
     for label, overrides in train.items():
@@ -160,6 +160,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--episodes", type=int, default=20, help="ICL episodes, shared prefix")
     p.add_argument("--unshared", type=int, default=3, help="ICL episodes scored pair by pair")
+    p.add_argument(
+        "--train",
+        type=lambda s: s.split(","),
+        default=list(TRAIN),
+        help=f"train cells besides the top-k ones (default: {','.join(TRAIN)})",
+    )
     p.add_argument(
         "--adapt-layers",
         type=lambda s: [int(k) for k in s.split(",") if k],

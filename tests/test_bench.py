@@ -106,12 +106,18 @@ def test_llm_bench_smoke_on_a_tiny_llama(tmp_path):
     proc = subprocess.run(
         [sys.executable, "scripts/bench_llm.py", "--backbone", "tiny-llama", "--steps", "1",
          "--warmup", "0", "--episodes", "3", "--unshared", "3", "--adapt-layers", "1",
+         "--train", "maml-lora-verbalizer,maml-lora-verbalizer-ckpt",
          "--adapt-episodes", "2", "--eval-steps", "2", "--task", small_task(tmp_path),
          "--out", str(out), "--markdown", str(md)],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads(out.read_text())["results"]
+    assert set(res["train"]) == {
+        "maml-lora-verbalizer",
+        "maml-lora-verbalizer-ckpt",
+        "maml-lora-verbalizer-top1",
+    }  # --train, then the top-k cell
     for label, cell in res["train"].items():
         assert "error" not in cell, (label, cell)
         assert cell["episodes"] == 2 and cell["seconds"] > 0 and cell["peak_mb"] > 0
