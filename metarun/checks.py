@@ -11,7 +11,7 @@ import dataclasses
 import difflib
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -103,37 +103,36 @@ def schema_fields(schema_name: str) -> list[str] | None:
     return None
 
 
-def check_keys(node: DictConfig, prefix: str = "") -> None:
-    """Every key of a schema-backed node is a field of its schema: a key added with `+` (or by
-    a shared YAML) would otherwise be dropped without a word, typo included."""
-    cls = OmegaConf.get_type(node)
-    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
-        return  # a free-form node (backbone.arch) or a user's own algorithm: checked elsewhere
-    fields = [f.name for f in dataclasses.fields(cls)]
-    for key in node:
-        path = f"{prefix}{key}"
-        if key not in fields:
-            raise MetarunError(unknown_key_message(path, fields))
-        child = node._get_node(key)
-        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
-            check_keys(child, path + ".")
-
-
-def check_choices(node: DictConfig, prefix: str = "") -> None:
-    """Every option with a fixed set of values (`config.choice`) holds one of them."""
+def schema_keys(node: DictConfig, prefix: str = "") -> Iterator[tuple[DictConfig, type, str, str]]:
+    """(node, its schema, key, dotted path) for every key of every schema-backed node, depth
+    first in key order. A free-form node (backbone.arch) or a user's own algorithm has no
+    schema: checked elsewhere."""
     cls = OmegaConf.get_type(node)
     if not (isinstance(cls, type) and dataclasses.is_dataclass(cls)):
         return
-    for spec in dataclasses.fields(cls):
-        if spec.name not in node:
-            continue
-        child = node._get_node(spec.name)
-        allowed = spec.metadata.get(schemas.CHOICES)
-        if allowed and not child._is_missing() and node[spec.name] not in allowed:
-            key = f"{prefix}{spec.name}"
-            raise MetarunError(f"{key}={node[spec.name]}; use one of {', '.join(allowed)}")
+    for key in node:
+        yield node, cls, str(key), f"{prefix}{key}"
+        child = node._get_node(key)
         if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
-            check_choices(child, f"{prefix}{spec.name}.")
+            yield from schema_keys(child, f"{prefix}{key}.")
+
+
+def check_keys(cfg: DictConfig) -> None:
+    """Every key of a schema-backed node is a field of its schema: a key added with `+` (or by
+    a shared YAML) would otherwise be dropped without a word, typo included."""
+    for _, cls, key, path in schema_keys(cfg):
+        fields = [f.name for f in dataclasses.fields(cls)]
+        if key not in fields:
+            raise MetarunError(unknown_key_message(path, fields))
+
+
+def check_choices(cfg: DictConfig) -> None:
+    """Every option with a fixed set of values (`config.choice`) holds one of them."""
+    for node, cls, key, path in schema_keys(cfg):
+        spec = next((f for f in dataclasses.fields(cls) if f.name == key), None)
+        allowed = spec.metadata.get(schemas.CHOICES) if spec else None
+        if allowed and not node._get_node(key)._is_missing() and node[key] not in allowed:
+            raise MetarunError(f"{path}={node[key]}; use one of {', '.join(allowed)}")
 
 
 def check_pooling(cfg: DictConfig) -> None:

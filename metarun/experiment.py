@@ -22,7 +22,6 @@ from metarun.errors import MetarunError, RunInterrupted, os_error_in
 from metarun.hardware import Hardware, peak_memory_mb, seed_everything, setup_hardware
 from metarun.interrupts import STOP
 from metarun.logger import Logger, build_logger
-from metarun.preflight import check_before_loading
 from metarun.rundir.files import git_commit, load_checkpoint, versions, write_json
 from metarun.rundir.folder import (
     STATE_FILE,
@@ -115,9 +114,10 @@ def run_facts(cfg: MetarunConfig, data: TaskData | None, device: Any) -> dict[st
 
 
 def run(cfg: DictConfig, run_dir: Path, choices: dict[str, str], group: str | None) -> float:
-    """Run one experiment into `run_dir`; returns the best validation accuracy (nan if none)."""
+    """Run one experiment into `run_dir`; returns the best validation accuracy (nan if none).
+    `cfg` has passed preflight.check_before_loading (the CLI runs it before importing this
+    module, so that a refused command never loads torch)."""
     started = time.time()
-    check_before_loading(cfg, run_dir, choices, group)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     typed: MetarunConfig = OmegaConf.to_object(cfg)
     hw = setup_hardware(typed.hardware)

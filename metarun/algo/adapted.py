@@ -34,8 +34,8 @@ def inject_lora(model: nn.Module, r: int, alpha: int, targets: list[str], layers
     last `layers` transformer blocks (0: all), in place; they start trainable."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    last = list(range(first_block(model, layers), len(transformer_layers(model))))
-    last = last if layers else None
+    blocks = len(transformer_layers(model))
+    last = list(range(first_block(model, layers, "algo.adapt_layers"), blocks)) if layers else None
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets),
                         layers_to_transform=last)  # fmt: skip
     # peft freezes the base weights; whether they meta-train stays backbone.trainable's choice
@@ -68,15 +68,20 @@ def adapted_names(model: nn.Module, adapt: str, top_k: int, layers: int = 0) -> 
     names = _adapted(model, adapt, top_k)
     if layers <= 0:
         return names
-    found, first = block_of(model), first_block(model, layers)
+    return in_last_blocks(model, names, layers, "algo.adapt_layers")
+
+
+def in_last_blocks(model: nn.Module, names: list[str], layers: int, key: str) -> list[str]:
+    """Those of `names` that belong to the last `layers` transformer blocks (option `key`)."""
+    found, first = block_of(model), first_block(model, layers, key)
     return [n for n in names if found.get(n, -1) >= first]
 
 
-def first_block(model: nn.Module, layers: int) -> int:
-    """The index of the first of the last `layers` transformer blocks."""
+def first_block(model: nn.Module, layers: int, key: str) -> int:
+    """The index of the first of the last `layers` transformer blocks (option `key`)."""
     blocks = len(transformer_layers(model))
-    if layers > blocks:
-        raise MetarunError(f"algo.adapt_layers={layers}; the backbone has {blocks} layers")
+    if not 0 < layers <= blocks:
+        raise MetarunError(f"{key}={layers}; the backbone has {blocks} layers")
     return blocks - layers
 
 
@@ -109,8 +114,4 @@ def _adapted(model: nn.Module, adapt: str, top_k: int) -> list[str]:
         if not found:
             raise MetarunError("algo.adapt=lora but the backbone has no LoRA tensors")
         return found
-    layers = transformer_layers(model)
-    if not 0 < top_k <= len(layers):
-        raise MetarunError(f"algo.top_k={top_k}; the backbone has {len(layers)} layers")
-    keep = {id(p) for layer in layers[len(layers) - top_k :] for p in layer.parameters()}
-    return [n for n, p in model.named_parameters() if id(p) in keep]
+    return in_last_blocks(model, names, top_k, "algo.top_k")  # adapt=top_k

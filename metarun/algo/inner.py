@@ -124,7 +124,8 @@ class InnerLoop(nn.Module):
             vocab = encoder.local_vocab(support.ids) if self.table else None
             params, table = self.start(encoder, track, vocab)
             labels = support.labels.to(encoder.device)
-            head, feats0 = self.head.start(encoder, support, way, track, bool(self.names), self.lrs)
+            head, feats0 = self.head.start(encoder, support, way, track, self.adapts_encoder,
+                                           self.lrs)  # fmt: skip
             params |= head
             # Head only: every step reads the unadapted features of step 0 (unless `recompute`)
             feats = feats0 if not self.names and not recompute else None
