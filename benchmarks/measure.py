@@ -28,7 +28,8 @@ from metarun.algo import build_algorithm
 from metarun.algo.adapted import inner_rate
 from metarun.backbone import Encoder, load_backbone
 from metarun.config import MetarunConfig, register_configs
-from metarun.hardware import seed_everything, setup_hardware
+from metarun.experiment import set_precision
+from metarun.hardware import Hardware, seed_everything, setup_hardware
 from metarun.logger import Logger
 from metarun.task import STREAM, Episode, EpisodeSampler, fixed_episodes, load_task
 from metarun.train import Checkpoints, Episodes, Runtime, Trainer
@@ -140,16 +141,25 @@ class Replay:
 
 
 def build(overrides: list[str]):
-    """(typed config, raw config, device, autocast, task data, encoder) as `metarun` builds them."""
+    """(typed config, raw config, hardware, task data, encoder) as `metarun` builds them."""
     cfg = compose_config(overrides)
     typed: MetarunConfig = OmegaConf.to_object(cfg)
     hw = setup_hardware(typed.hardware)
-    device, autocast = hw.device, hw.autocast
     seed_everything(typed.seed)
     data = load_task(typed.task)
     encoder = load_backbone(typed.backbone)
     encoder.set_texts(data.texts)
-    return typed, cfg, device, autocast, data, encoder
+    return typed, cfg, hw, data, encoder
+
+
+def build_algo(cfg: DictConfig, typed: MetarunConfig, hw: Hardware, data, encoder):
+    """The prepared algorithm on the device, in the precision `metarun` would choose (after
+    which `hw.autocast` is the run's)."""
+    algo = build_algorithm(cfg.algo, encoder, typed.task.way)
+    algo.prepare(data)
+    algo = algo.to(hw.device)
+    set_precision(hw, algo, parameter_count(encoder))
+    return algo
 
 
 def draw(data, typed: MetarunConfig, n: int) -> list[Episode]:
@@ -164,15 +174,14 @@ def parameter_count(encoder: Encoder) -> int:
 
 
 def build_for_eval(overrides: list[str], episodes: int, split: str = "test"):
-    """(device, autocast, encoder, prepared algorithm, the first `episodes` fixed episodes of
+    """(hardware, encoder, prepared algorithm, the first `episodes` fixed episodes of
     `split`: test, or valid where a choice is being made)."""
-    typed, cfg, device, autocast, data, encoder = build(overrides)
-    algo = build_algorithm(cfg.algo, encoder, typed.task.way).to(device)
-    algo.prepare(data)
+    typed, cfg, hw, data, encoder = build(overrides)
+    algo = build_algo(cfg, typed, hw, data, encoder)
     task = typed.task
     fixed = fixed_episodes(data.splits[split], task.way, task.shots, task.queries, episodes,
                            task.eval_seed, split)  # fmt: skip
-    return device, autocast, encoder, algo, fixed
+    return hw, encoder, algo, fixed
 
 
 # ---------------------------------------------------------------- cells
@@ -180,10 +189,9 @@ def build_for_eval(overrides: list[str], episodes: int, split: str = "test"):
 
 def train_cell(overrides: list[str], warmup: int, steps: int) -> dict[str, Any]:
     """Meta-training throughput, peak memory and FLOPs of metarun's own outer step."""
-    typed, cfg, device, autocast, data, encoder = build(overrides)
-    algo = build_algorithm(cfg.algo, encoder, typed.task.way)
-    algo.prepare(data)
-    algo = algo.to(device)
+    typed, cfg, hw, data, encoder = build(overrides)
+    algo = build_algo(cfg, typed, hw, data, encoder)
+    device, autocast = hw.device, hw.autocast
     batch = typed.train.meta_batch_size
     episodes = draw(data, typed, batch * (warmup + steps))
     replay = Replay(episodes)
@@ -196,13 +204,14 @@ def train_cell(overrides: list[str], warmup: int, steps: int) -> dict[str, Any]:
         replay.next = warmup * batch
 
     return {**timing, **replayed(trainer.step, list(range(steps)), device, rewind),
-            "episodes": steps * batch,
-            "params": parameter_count(encoder), "device": str(device)}  # fmt: skip
+            "episodes": steps * batch, "params": parameter_count(encoder),
+            "device": str(device), "precision": hw.precision}  # fmt: skip
 
 
 def reference_cell(overrides: list[str], warmup: int, steps: int) -> dict[str, Any]:
     """The same episodes through benchmarks/reference_higher.py (second-order MAML, higher)."""
-    typed, cfg, device, _, data, encoder = build(overrides)
+    typed, cfg, hw, data, encoder = build(overrides)
+    device = hw.device
     way, batch = typed.task.way, typed.train.meta_batch_size
     head = torch.nn.Linear(encoder.dim, way)
     with torch.no_grad():  # the initial head of algo.head_init=learned
@@ -246,7 +255,8 @@ def matmul_peak_cell(device_name: str, precision: str, n: int, repeats: int) -> 
 def eval_cell(overrides: list[str], episodes: int, uncached: int) -> dict[str, Any]:
     """A frozen encoder's evaluation over `episodes` fixed test episodes against one encoding
     pass over their distinct texts (length-sorted batches, the fastest plain pass)."""
-    device, autocast, encoder, algo, test = build_for_eval(overrides, episodes)
+    hw, encoder, algo, test = build_for_eval(overrides, episodes)
+    device, autocast = hw.device, hw.autocast
     ids = torch.unique(torch.cat([ep.text_ids() for ep in test]))
     ids = ids[torch.argsort(encoder.table.lengths[ids.to(encoder.table.lengths.device)].cpu())]
     with torch.no_grad(), autocast():
@@ -262,7 +272,8 @@ def eval_cell(overrides: list[str], episodes: int, uncached: int) -> dict[str, A
     sync(device)
     seconds = time.perf_counter() - start
     out = {"episodes": episodes, "distinct_texts": len(ids), "one_pass_seconds": one_pass,
-           "eval_seconds": seconds, "acc": result.acc, "device": str(device)}  # fmt: skip
+           "eval_seconds": seconds, "acc": result.acc, "device": str(device),
+           "precision": hw.precision}  # fmt: skip
     if uncached:
         with uncached_eval(algo):
             start = time.perf_counter()
@@ -276,8 +287,10 @@ def icl_cell(overrides: list[str], episodes: int, unshared: int) -> dict[str, An
     """In-context learning's test episodes per second with the demonstrations shared by every
     query and each query by every label (backbone/prompts.py), against each (query, label)
     sequence scored alone on the first `unshared` of the same episodes; their scores agree."""
-    device, autocast, encoder, algo, test = build_for_eval(overrides, episodes)
-    out: dict[str, Any] = {"device": str(device), "params": parameter_count(encoder)}
+    hw, encoder, algo, test = build_for_eval(overrides, episodes)
+    device, autocast = hw.device, hw.autocast
+    out: dict[str, Any] = {"device": str(device), "params": parameter_count(encoder),
+                           "precision": hw.precision}  # fmt: skip
     for label, shared, n in (("shared", True, episodes), ("unshared", False, unshared)):
         algo.shared_prefix = shared
         with torch.no_grad(), autocast():
@@ -295,7 +308,8 @@ def icl_cell(overrides: list[str], episodes: int, unshared: int) -> dict[str, An
 def adapt_cell(overrides: list[str], episodes: int, split: str) -> dict[str, Any]:
     """Adapted episodes per second (each: the inner loop on its support set, then its queries)
     and their accuracies, on the fixed episodes of `split` (valid: choices are made there)."""
-    device, autocast, encoder, algo, fixed = build_for_eval(overrides, episodes, split)
+    hw, encoder, algo, fixed = build_for_eval(overrides, episodes, split)
+    device, autocast = hw.device, hw.autocast
     reset_peak(device)
     sync(device)
     start = time.perf_counter()
@@ -305,7 +319,8 @@ def adapt_cell(overrides: list[str], episodes: int, split: str) -> dict[str, Any
     return {"episodes": episodes, "split": split, "seconds": seconds,
             "episodes_per_second": episodes / seconds, "acc": result.acc, "ci95": result.ci95,
             "accuracies": result.accuracies.tolist(), "peak_mb": peak_mb(device),
-            "params": parameter_count(encoder), "device": str(device)}  # fmt: skip
+            "params": parameter_count(encoder), "device": str(device),
+            "precision": hw.precision}  # fmt: skip
 
 
 @contextlib.contextmanager

@@ -77,7 +77,9 @@ class TaskConfig:
 @dataclass
 class HardwareConfig:
     device: str = "cpu"  # cpu | cuda | cuda:N (with distributed: cuda means this rank's GPU)
-    precision: str = choice("fp32", "bf16")  # bf16: autocast
+    # auto: bf16 where it pays (a CPU with bf16 units and a large backbone: hardware.py), else
+    # fp32; bf16: autocast, frozen linear weights stored in bf16 (what autocast computes with)
+    precision: str = choice("auto", "fp32", "bf16")
     tf32: bool = False
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
     distributed: bool = False  # data-parallel over torchrun's processes (nccl on CUDA, gloo on CPU)

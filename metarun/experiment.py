@@ -15,11 +15,19 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from metarun.algo import Algorithm, build_algorithm
+from metarun.algo.inner import adapted_encoder_weights
 from metarun.backbone import Encoder, load_backbone
+from metarun.backbone.lowp import store_frozen_in_bf16
 from metarun.config import MetarunConfig, TrainConfig
 from metarun.distributed import Dist, shutdown
 from metarun.errors import MetarunError, RunInterrupted, os_error_in
-from metarun.hardware import Hardware, peak_memory_mb, seed_everything, setup_hardware
+from metarun.hardware import (
+    Hardware,
+    choose_precision,
+    peak_memory_mb,
+    seed_everything,
+    setup_hardware,
+)
 from metarun.interrupts import STOP
 from metarun.logger import Logger, build_logger
 from metarun.rundir.files import git_commit, load_checkpoint, versions, write_json
@@ -237,6 +245,7 @@ def assemble(spec: RunSpec, claimed: Claimed, hw: Hardware, record: Record) -> t
     log.info("task %s: %s", spec.choices.get("task"), data.summary())
     algo = build_model(typed, spec.resolved, data, record.summary).to(hw.device)
     dist.sync_module(algo)
+    record.summary["precision"] = set_precision(hw, algo, record.summary["backbone_params"])
     sampler, val, test = make_episodes(data, typed)
     record.logger = build_logger(typed, spec.run_dir, spec.choices, algo.family, spec.group,
                                  spec.resolved, state["wandb_run_id"] if state else None,
@@ -288,6 +297,19 @@ def build_model(typed: MetarunConfig, resolved: dict, data: TaskData, summary: d
         check_same_model(source_config(source), resolved, source)
         summary["init_from"] = load_trained(algo, source)
     return algo
+
+
+def set_precision(hw: Hardware, algo: Algorithm, params: int) -> dict[str, Any]:
+    """`hardware.precision=auto` decided now that the backbone's size is known; under bf16 the
+    frozen linear weights are stored in bf16 once (backbone/lowp.py). What summary.json says."""
+    adapted = adapted_encoder_weights(algo)
+    warning = choose_precision(hw, params, sorted(n for n in adapted if "lora_" not in n))
+    if warning:
+        log.warning("hardware.precision=bf16: %s; fp32 or auto avoids it", warning)
+    stored = 0
+    if hw.precision == "bf16":
+        stored = store_frozen_in_bf16(algo.encoder.model, adapted)
+    return hw.facts() | {"frozen_weights_in_bf16": stored, "warning": warning}
 
 
 def episode_record(result: EvalResult, test: list, typed: MetarunConfig) -> dict[str, Any]:

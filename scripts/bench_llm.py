@@ -42,6 +42,7 @@ from bench import (  # noqa: E402
 
 from benchmarks.tables import failure, fmt, rate  # noqa: E402
 
+BF16 = "hardware.precision=bf16"
 VERBALIZER = ["algo=maml", "algo.head=verbalizer", "algo.adapt=lora", "backbone.trainable=none"]
 TRAIN = {
     "maml-lora-verbalizer": VERBALIZER,
@@ -54,10 +55,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     base = [*SHAPE, f"task.shots={args.shots}", *shlex.split(args.task),
             *hardware_overrides(args), f"backbone={args.backbone}"]  # fmt: skip
     results: dict[str, Any] = {"train": {}, "icl": {}, "adapt": {}}
-    train = {k: v for k, v in TRAIN.items() if k in args.train}
-    for k in args.adapt_layers:  # LoRA in the last k blocks only: the bottom runs once
-        train[f"maml-lora-verbalizer-top{k}"] = [*VERBALIZER, f"algo.adapt_layers={k}"]
-    for label, overrides in train.items():
+    for label, overrides in train_cells(args).items():
         cell = run_cell("train", {"overrides": base + overrides, "warmup": args.warmup,
                                   "steps": args.steps}, args.threads)  # fmt: skip
         results["train"][label] = cell
@@ -71,19 +69,38 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def measure_adapt(args: argparse.Namespace, base: list[str]) -> dict[str, Any]:
-    """Test-time adaptation of the LoRA verbalizer (eval_steps inner steps per episode) on the
-    same validation episodes: LoRA in every block (today's path), then in the last k blocks
-    with the blocks below run once per episode, and (smallest k) run at every step."""
-    common = [*base, *VERBALIZER, f"algo.eval_inner_steps={args.eval_steps}"]
-    variants = {"all": []}
+def train_cells(args: argparse.Namespace) -> dict[str, list[str]]:
+    """Label -> overrides of the training cells: --train, the top-k ones, and with
+    --bf16-cells each again computing in bf16 (the last override wins)."""
+    train = {k: v for k, v in TRAIN.items() if k in args.train}
+    for k in args.adapt_layers:  # LoRA in the last k blocks only: the bottom runs once
+        train[f"maml-lora-verbalizer-top{k}"] = [*VERBALIZER, f"algo.adapt_layers={k}"]
+    if args.bf16_cells:
+        train |= {f"{label}-bf16": [*extra, BF16] for label, extra in train.items()}
+    return train
+
+
+def adapt_variants(args: argparse.Namespace) -> dict[str, list[str]]:
+    """Label -> overrides of the adaptation cells: LoRA in every block (today's path), in the
+    last k blocks with the blocks below run once per episode, each again in bf16 with
+    --bf16-cells, and (smallest k, fp32) the lower blocks run at every step."""
+    variants: dict[str, list[str]] = {"all": []}
     for k in args.adapt_layers:
         variants[f"top{k}"] = [f"algo.adapt_layers={k}"]
+    if args.bf16_cells:
+        variants |= {f"{label}-bf16": [*extra, BF16] for label, extra in variants.items()}
     if args.adapt_layers:
         k = min(args.adapt_layers)
         variants[f"top{k}-uncached"] = [f"algo.adapt_layers={k}", "algo.cache_frozen_layers=false"]
+    return variants
+
+
+def measure_adapt(args: argparse.Namespace, base: list[str]) -> dict[str, Any]:
+    """Test-time adaptation of the LoRA verbalizer (eval_steps inner steps per episode) on the
+    same validation episodes, one cell per `adapt_variants`."""
+    common = [*base, *VERBALIZER, f"algo.eval_inner_steps={args.eval_steps}"]
     cells = {}
-    for label, extra in variants.items():
+    for label, extra in adapt_variants(args).items():
         cells[label] = run_cell("adapt", {"overrides": common + extra,
                                           "episodes": args.adapt_episodes, "split": "valid"},
                                 args.threads)  # fmt: skip
@@ -124,7 +141,15 @@ def render(payload: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-ADAPT_NAMES = {"all": "LoRA in every block (the path before issue 25)"}
+def adapt_name(label: str) -> str:
+    """'all', 'top2', 'top2-uncached', 'all-bf16', 'top2-bf16' in words."""
+    head, *rest = label.split("-")
+    if head == "all":
+        name = "LoRA in every block (the path before issue 25)"
+    else:
+        at = "at every step" if "uncached" in rest else "once per episode"
+        name = f"LoRA in the last {head[3:]} blocks, lower blocks {at}"
+    return f"{name}, bf16" if "bf16" in rest else name
 
 
 def render_adapt(cells: dict[str, Any]) -> list[str]:
@@ -137,11 +162,7 @@ def render_adapt(cells: dict[str, Any]) -> list[str]:
         if "error" in cell:
             lines.append(f"| {label} | {failure(cell)} | | | |")
             continue
-        name = ADAPT_NAMES.get(label) or (
-            f"LoRA in the last {label[3:].split('-')[0]} blocks, "
-            + ("lower blocks at every step" if label.endswith("uncached") else
-               "lower blocks once per episode")
-        )  # fmt: skip
+        name = adapt_name(label)
         speed = diff = ""
         if "error" not in base and base:
             speed = f"{cell['episodes_per_second'] / base['episodes_per_second']:.1f}x"
@@ -181,7 +202,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-steps", type=int, default=10, help="inner steps per test episode")
     add_task(p)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"))
+    p.add_argument(
+        "--bf16-cells",
+        action="store_true",
+        help="each train and adaptation cell again in bf16 (paired: the same episodes)",
+    )
     p.add_argument("--threads", type=int, default=0)
     add_budget(p)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results-llm-cpu.json")

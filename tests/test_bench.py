@@ -188,3 +188,34 @@ def test_a_spent_budget_records_cells_as_not_run_and_still_writes(tmp_path):
     assert len(cells) == 5 and all(c["error"].startswith("not run") for c in cells)
     text = md.read_text()
     assert "not run: --budget spent" in text and "failed" not in text
+
+
+def test_llm_bench_bf16_cells_pair_every_cell_with_its_bf16_twin():
+    """--bf16-cells: each training and adaptation cell again with bf16 as its last override
+    (Hydra's last value wins), labelled and rendered as such; the run's own precision first."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench_llm
+
+    args = bench_llm.parse_args(["--adapt-layers", "2", "--train", "maml-lora-verbalizer",
+                                 "--bf16-cells"])  # fmt: skip
+    train = bench_llm.train_cells(args)
+    assert list(train) == [
+        "maml-lora-verbalizer",
+        "maml-lora-verbalizer-top2",
+        "maml-lora-verbalizer-bf16",
+        "maml-lora-verbalizer-top2-bf16",
+    ]
+    assert train["maml-lora-verbalizer-top2-bf16"] == [*train["maml-lora-verbalizer-top2"],
+                                                       "hardware.precision=bf16"]  # fmt: skip
+    variants = bench_llm.adapt_variants(args)
+    assert list(variants) == ["all", "top2", "all-bf16", "top2-bf16", "top2-uncached"]
+    assert variants["top2-uncached"][-1] != "hardware.precision=bf16"
+    plain = bench_llm.adapt_variants(bench_llm.parse_args(["--adapt-layers", "2"]))
+    assert list(plain) == ["all", "top2", "top2-uncached"]
+    cell = {"episodes_per_second": 1.0, "acc": 0.5, "ci95": 0.1, "accuracies": [0.5, 0.5]}
+    faster = cell | {"episodes_per_second": 2.0, "accuracies": [0.5, 0.7]}
+    rows = bench_llm.render_adapt({"all": cell, "all-bf16": faster})
+    assert "| LoRA in every block (the path before issue 25), bf16 | 2.000 | 2.0x |" in rows[-1]
+    assert rows[-1].endswith("| +10.0 |")
+    assert bench_llm.adapt_name("top4-uncached") == "LoRA in the last 4 blocks, lower blocks " \
+        "at every step"  # fmt: skip

@@ -211,3 +211,9 @@ class InnerLoop(nn.Module):
         m_hat = state[m] / (1 - b1 ** (step + 1))
         v_hat = state[v] / (1 - b2 ** (step + 1))
         return m_hat / ((v_hat + ADAM_EPS**2).sqrt() + ADAM_EPS)
+
+
+def adapted_encoder_weights(algo: nn.Module) -> set[str]:
+    """The encoder weights (names in `encoder.model`) some inner loop of `algo` adapts per
+    episode: what must stay in full precision when frozen weights are stored in bf16."""
+    return {name for m in algo.modules() if isinstance(m, InnerLoop) for name in m.names}
