@@ -123,6 +123,8 @@ def test_a_whole_run_on_cuda_through_the_cli(tmp_path, synthetic_jsonl):
     assert summary["status"] == "completed"
     assert summary["device"].startswith(DEVICE.type)
     assert summary["peak_memory_mb"] > 0
+    # hardware=cuda's precision is auto: a 1M-parameter backbone stays in fp32 (hardware.py)
+    assert summary["precision"]["requested"] == "auto" and summary["precision"]["used"] == "fp32"
     assert 0.0 <= summary["test"]["acc"] <= 1.0 and summary["test"]["episodes"] == 10
     last = torch.load(run / "last.pt", map_location="cpu", weights_only=True)
     assert ("cuda" in last["rng"][0]) == (DEVICE.type == "cuda")  # resumes its GPU draws
