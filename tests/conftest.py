@@ -97,6 +97,20 @@ def synthetic_task(compose_cfg, synthetic_jsonl):
     return load_task(OmegaConf.to_object(cfg).task)
 
 
+def seeded_algorithm(compose_cfg, task, backbone: str, *overrides: str):
+    """A prepared 3-way algorithm on a fresh `backbone` (seed 0) over `task`'s texts."""
+    from metarun.algo import build_algorithm
+    from metarun.backbone import load_backbone
+
+    cfg = compose_cfg(f"backbone={backbone}", *overrides)
+    torch.manual_seed(0)
+    encoder = load_backbone(OmegaConf.to_object(cfg).backbone)
+    encoder.set_texts(task.texts)
+    algo = build_algorithm(cfg.algo, encoder, 3)
+    algo.prepare(task)
+    return algo
+
+
 def dropout_free(compose_cfg, task, *overrides: str):
     """(composed config, tiny BERT without dropout over `task`'s texts), seeded: the same
     initial weights on every call, so two builds compute the same function."""

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-from metarun.algo import build_algorithm
 from metarun.algo.heads import VerbalizerHead
 from metarun.backbone import load_backbone
 from metarun.checks import check_config
@@ -20,6 +19,7 @@ from metarun.errors import MetarunError
 from metarun.task import fixed_episodes
 
 from .cli_helpers import FAST, metarun, run_dirs
+from .conftest import seeded_algorithm
 from .grad_helpers import check_against_finite_differences
 
 
@@ -28,12 +28,7 @@ def make(compose_cfg, synthetic_task):
     """make(*overrides, dtype=...) -> an algorithm on a fresh tiny random Llama (seed 0)."""
 
     def _make(*overrides: str, dtype=torch.float32, backbone: str = "tiny-llama"):
-        cfg = compose_cfg(f"backbone={backbone}", *overrides)
-        torch.manual_seed(0)
-        encoder = load_backbone(OmegaConf.to_object(cfg).backbone)
-        encoder.set_texts(synthetic_task.texts)
-        algo = build_algorithm(cfg.algo, encoder, 3)
-        algo.prepare(synthetic_task)
+        algo = seeded_algorithm(compose_cfg, synthetic_task, backbone, *overrides)
         return algo.to(dtype).train()
 
     return _make

@@ -18,7 +18,7 @@ def test_cuda_without_a_gpu_is_one_clear_error():
 
 
 def test_bad_values_name_their_key(compose_cfg):
-    with pytest.raises(MetarunError, match=r"hardware\.precision=fp8; use one of fp32, bf16"):
+    with pytest.raises(MetarunError, match=r"hardware\.precision=fp8; use one of auto, fp32, bf16"):
         check_config(compose_cfg("hardware.precision=fp8"))  # before anything loads
     with pytest.raises(MetarunError, match=r"hardware\.device=gpu0"):
         setup_hardware(HardwareConfig(device="gpu0"))

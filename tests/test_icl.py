@@ -7,13 +7,12 @@ import re
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from metarun.algo import build_algorithm
-from metarun.backbone import load_backbone
 from metarun.backbone.prompts import PromptFormat, PromptScorer, Tree
 from metarun.errors import MetarunError
 from metarun.task import fixed_episodes
+
+from .conftest import seeded_algorithm
 
 DECODERS = ["tiny-gpt2", "tiny-llama"]
 
@@ -21,13 +20,9 @@ DECODERS = ["tiny-gpt2", "tiny-llama"]
 @pytest.fixture
 def icl(compose_cfg, synthetic_task):
     def _make(*overrides: str, backbone: str = "tiny-gpt2"):
-        cfg = compose_cfg(f"backbone={backbone}", "algo=icl", *overrides)
-        torch.manual_seed(0)
-        encoder = load_backbone(OmegaConf.to_object(cfg).backbone)
-        encoder.set_texts(synthetic_task.texts)
-        algo = build_algorithm(cfg.algo, encoder, 3)
-        algo.prepare(synthetic_task)
-        return algo.eval()
+        return seeded_algorithm(
+            compose_cfg, synthetic_task, backbone, "algo=icl", *overrides
+        ).eval()
 
     return _make
 

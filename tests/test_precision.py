@@ -9,11 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from metarun.algo import build_algorithm
 from metarun.algo.inner import adapted_encoder_weights
-from metarun.backbone import load_backbone
 from metarun.backbone.lowp import store_frozen_in_bf16
 from metarun.config import HardwareConfig
 from metarun.hardware import BF16_MIN_PARAMS, choose_precision, cpu_bf16_units, setup_hardware
@@ -21,18 +18,13 @@ from metarun.task import fixed_episodes
 from metarun.train.evaluate import evaluate
 
 from .cli_helpers import FAST, metarun, run_dirs
+from .conftest import seeded_algorithm
 
 
 @pytest.fixture
 def make(compose_cfg, synthetic_task):
     def _make(*overrides: str, backbone: str = "tiny-llama"):
-        cfg = compose_cfg(f"backbone={backbone}", *overrides)
-        torch.manual_seed(0)
-        encoder = load_backbone(OmegaConf.to_object(cfg).backbone)
-        encoder.set_texts(synthetic_task.texts)
-        algo = build_algorithm(cfg.algo, encoder, 3)
-        algo.prepare(synthetic_task)
-        return algo.eval()
+        return seeded_algorithm(compose_cfg, synthetic_task, backbone, *overrides).eval()
 
     return _make
 
