@@ -6,15 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from metarun.algo import build_algorithm
 from metarun.algo.logreg import fit_logistic
 from metarun.algo.ridge import ridge_solve
-from metarun.backbone import load_backbone
 from metarun.errors import MetarunError
 from metarun.task import EpisodeSampler, Examples, fixed_episodes
 from metarun.train.evaluate import evaluate
+
+from .conftest import seeded_algorithm
 
 
 @pytest.fixture
@@ -22,13 +21,7 @@ def make(compose_cfg, synthetic_task):
     """make(algo, *overrides) -> (algorithm prepared on the synthetic task, its TaskData)."""
 
     def _make(algo: str, *overrides: str, backbone: str = "tiny"):
-        cfg = compose_cfg(f"backbone={backbone}", f"algo={algo}", *overrides)
-        torch.manual_seed(0)
-        encoder = load_backbone(OmegaConf.to_object(cfg).backbone)
-        encoder.set_texts(synthetic_task.texts)
-        algo_ = build_algorithm(cfg.algo, encoder, 3)
-        algo_.prepare(synthetic_task)
-        return algo_
+        return seeded_algorithm(compose_cfg, synthetic_task, backbone, f"algo={algo}", *overrides)
 
     return _make
 
