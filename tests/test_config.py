@@ -192,3 +192,23 @@ def test_the_inductive_recipe_differs_only_in_its_head(compose_cfg, task):
     transductive = OmegaConf.to_object(compose_cfg("+experiment=recommended", f"task={task}"))
     assert inductive.algo.transductive_steps == 0 and inductive.algo.eval_head == "logreg"
     assert inductive.task == transductive.task and inductive.train == transductive.train
+
+
+@pytest.mark.parametrize("task", ["banking77", "clinc150", "icd10", "local"])
+def test_the_decoder_recipe_is_the_encoder_recipe_with_a_longer_contrastive_stage(
+    compose_cfg, task
+):
+    """`+experiment=recommended_llm`: one recipe for every dataset, like the encoder's, whose
+    only difference is the contrastive stage's length (validated every 25 steps, the best kept)."""
+    composed = compose_cfg("+experiment=recommended_llm", "backbone=smollm2", f"task={task}")
+    check_config(composed)
+    llm = OmegaConf.to_object(composed)
+    encoder = OmegaConf.to_object(
+        compose_cfg("+experiment=recommended", "backbone=smollm2", f"task={task}")
+    )
+    assert llm.algo == encoder.algo and llm.task == encoder.task
+    assert llm.train.contrastive_steps == 4 * encoder.train.contrastive_steps
+    assert llm.train.val_at_start and llm.train.val_interval == encoder.train.val_interval
+    assert {k for k, v in vars(llm.train).items() if vars(encoder.train)[k] != v} == {
+        "contrastive_steps"
+    }
