@@ -9,7 +9,8 @@
 #   bash scripts/identity_runs.sh /tmp/id/after ./my_metarun   # any command that runs metarun
 #   python scripts/identity_compare.py /tmp/id/before /tmp/id/after
 #
-# Three processes at a time, one thread each: about 10 minutes on 2 CPU cores.
+# Three processes at a time, one thread each, all in fp32 (`hardware.precision=auto` would pick
+# bf16 on some CPUs, whose numbers differ between CPU kernels): about 10 minutes on 2 CPU cores.
 set -u
 out=$1; M=${2:-metarun}; repo=$(cd "$(dirname "$0")/.." && pwd)
 data=${METARUN_DATA:-$repo/../shared/data}
@@ -21,14 +22,14 @@ open('d.jsonl', 'w').write(''.join(json.dumps(r) + '\n' for r in synthetic_rows(
 B="task=banking77 task.data_dir=$data/banking77 task.split=01"
 T="backbone=tiny task=local task.path=d.jsonl task.way=3 task.shots=2 task.queries=2
    task.class_split=[0.5,0.25,0.25] task.val_episodes=4 task.test_episodes=20
-   train.val_interval=10 train.checkpoint_interval=5 logger.progress=false hardware.threads=1"
+   train.val_interval=10 train.checkpoint_interval=5 logger.progress=false hardware.threads=1 hardware.precision=fp32"
 L="backbone=tiny-llama $B task.shots=1 task.test_episodes=12 task.val_episodes=4
-   train.val_interval=2 hardware.threads=1 logger.progress=false"
+   train.val_interval=2 hardware.threads=1 hardware.precision=fp32 logger.progress=false"
 (
-  $M hardware.threads=1 logger.progress=false run_dir=default > default.log 2>&1
+  $M hardware.threads=1 hardware.precision=fp32 logger.progress=false run_dir=default > default.log 2>&1
   $M backbone=tiny-llama algo=maml algo.head=verbalizer algo.adapt=lora backbone.trainable=none \
      $B task.shots=1 task.test_episodes=40 task.val_episodes=10 train.steps=6 train.val_interval=3 \
-     hardware.threads=1 logger.progress=false run_dir=llama > llama.log 2>&1
+     hardware.threads=1 hardware.precision=fp32 logger.progress=false run_dir=llama > llama.log 2>&1
   $M $T train.steps=30 run_dir=tiny_ref > tiny_ref.log 2>&1
   $M $T train.steps=30 run_dir=tiny_killed > tiny_killed.log 2>&1 & pid=$!
   while ! grep -q '"step": 13' tiny_killed/metrics.jsonl 2>/dev/null; do sleep 0.05; done
@@ -47,6 +48,6 @@ L="backbone=tiny-llama $B task.shots=1 task.test_episodes=12 task.val_episodes=4
     $M $L $a train.steps=3 run_dir=dec_$n > dec_$n.log 2>&1
   done
 ) &
-$M +experiment=recommended $B task.shots=1 task.test_episodes=600 hardware.threads=1 \
+$M +experiment=recommended $B task.shots=1 task.test_episodes=600 hardware.threads=1 hardware.precision=fp32 \
    logger.progress=false run_dir=recommended > recommended.log 2>&1
 wait
