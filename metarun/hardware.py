@@ -18,7 +18,7 @@ from metarun.errors import MetarunError
 
 # `hardware.precision=auto` computes in bf16 on bf16 hardware from this backbone size on: on an
 # AVX512-BF16 CPU a MiniLM (22.7M) training step runs 1.6x faster and a SmolLM2 LoRA episode
-# 1.4x, a 1M-parameter test model only 1.1x (docs/BENCHMARKS.md, "bf16 on the CPU").
+# 1.3-1.4x, a 1M-parameter test model only 1.1x (docs/BENCHMARKS.md, "bf16 on the CPU").
 BF16_MIN_PARAMS = 10_000_000
 
 
