@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from metarun.algo import Algorithm, build_algorithm
+from metarun.algo.adapted import is_lora
 from metarun.algo.inner import adapted_encoder_weights
 from metarun.backbone import Encoder, load_backbone
 from metarun.backbone.lowp import store_frozen_in_bf16
@@ -303,7 +304,7 @@ def set_precision(hw: Hardware, algo: Algorithm, params: int) -> dict[str, Any]:
     """`hardware.precision=auto` decided now that the backbone's size is known; under bf16 the
     frozen linear weights are stored in bf16 once (backbone/lowp.py). What summary.json says."""
     adapted = adapted_encoder_weights(algo)
-    warning = choose_precision(hw, params, sorted(n for n in adapted if "lora_" not in n))
+    warning = choose_precision(hw, params, sorted(n for n in adapted if not is_lora(n)))
     if warning:
         log.warning("hardware.precision=bf16: %s; fp32 or auto avoids it", warning)
     stored = 0

@@ -20,6 +20,7 @@ from metarun.errors import MetarunError
 # AVX512-BF16 CPU a MiniLM (22.7M) training step runs 1.6x faster and a SmolLM2 LoRA episode
 # 1.3-1.4x, a 1M-parameter test model only 1.1x (docs/BENCHMARKS.md, "bf16 on the CPU").
 BF16_MIN_PARAMS = 10_000_000
+BF16_UNITS = ("amx_bf16", "avx512_bf16")  # the CPU flags of bf16 matrix instructions
 
 
 @dataclass
@@ -59,10 +60,11 @@ def setup_hardware(hw: HardwareConfig) -> Hardware:
     if hw.threads > 0:
         torch.set_num_threads(hw.threads)
     torch.set_float32_matmul_precision("high" if hw.tf32 else "highest")
+    hardware = Hardware(device, contextlib.nullcontext, dist, requested=hw.precision)
     # `auto` computes in fp32 until the backbone is known (choose_precision)
-    fixed = hw.precision if hw.precision != "auto" else "fp32"
-    why = f"hardware.precision={hw.precision}"
-    return Hardware(device, autocast_factory(device, fixed), dist, hw.precision, fixed, why)
+    hardware.use("fp32" if hw.precision == "auto" else hw.precision,
+                 f"hardware.precision={hw.precision}")  # fmt: skip
+    return hardware
 
 
 def autocast_factory(
@@ -83,8 +85,8 @@ def cpu_bf16_units() -> list[str]:
             flags = set(Path("/proc/cpuinfo").read_text().split())
         except OSError:
             return []
-        caps = {name: name in flags for name in ("amx_bf16", "avx512_bf16")}
-    return [name for name in ("amx_bf16", "avx512_bf16") if caps.get(name)]
+        caps = {name: name in flags for name in BF16_UNITS}
+    return [name for name in BF16_UNITS if caps.get(name)]
 
 
 def choose_precision(hw: Hardware, params: int, inner_weights: list[str]) -> str | None:

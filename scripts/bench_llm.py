@@ -75,9 +75,12 @@ def train_cells(args: argparse.Namespace) -> dict[str, list[str]]:
     train = {k: v for k, v in TRAIN.items() if k in args.train}
     for k in args.adapt_layers:  # LoRA in the last k blocks only: the bottom runs once
         train[f"maml-lora-verbalizer-top{k}"] = [*VERBALIZER, f"algo.adapt_layers={k}"]
-    if args.bf16_cells:
-        train |= {f"{label}-bf16": [*extra, BF16] for label, extra in train.items()}
-    return train
+    return bf16_twins(train) if args.bf16_cells else train
+
+
+def bf16_twins(cells: dict[str, list[str]]) -> dict[str, list[str]]:
+    """The cells, then each again as '<label>-bf16' computing in bf16 (the last override wins)."""
+    return cells | {f"{label}-bf16": [*extra, BF16] for label, extra in cells.items()}
 
 
 def adapt_variants(args: argparse.Namespace) -> dict[str, list[str]]:
@@ -88,7 +91,7 @@ def adapt_variants(args: argparse.Namespace) -> dict[str, list[str]]:
     for k in args.adapt_layers:
         variants[f"top{k}"] = [f"algo.adapt_layers={k}"]
     if args.bf16_cells:
-        variants |= {f"{label}-bf16": [*extra, BF16] for label, extra in variants.items()}
+        variants = bf16_twins(variants)
     if args.adapt_layers:
         k = min(args.adapt_layers)
         variants[f"top{k}-uncached"] = [f"algo.adapt_layers={k}", "algo.cache_frozen_layers=false"]

@@ -49,7 +49,13 @@ def inject_lora(model: nn.Module, r: int, alpha: int, targets: list[str], layers
         ) from err
     for name, param in model.named_parameters():
         base = name.replace(".base_layer", "")
-        param.requires_grad_("lora_" in name or trainable.get(base, trainable.get(name, False)))
+        param.requires_grad_(is_lora(name) or trainable.get(base, trainable.get(name, False)))
+
+
+def is_lora(name: str) -> bool:
+    """Whether parameter `name` is a LoRA factor (peft's lora_A / lora_B), not a backbone
+    weight."""
+    return "lora_" in name
 
 
 def untied_input_embedding(model: nn.Module) -> str | None:
@@ -106,11 +112,11 @@ def _adapted(model: nn.Module, adapt: str, top_k: int) -> list[str]:
     if adapt == "head":
         return []
     if adapt == "all":
-        return [n for n in names if "lora_" not in n]
+        return [n for n in names if not is_lora(n)]
     if adapt == "bias":
         return [n for n in names if n.endswith(".bias")]
     if adapt == "lora":
-        found = [n for n in names if "lora_" in n]
+        found = [n for n in names if is_lora(n)]
         if not found:
             raise MetarunError("algo.adapt=lora but the backbone has no LoRA tensors")
         return found
