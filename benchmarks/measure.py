@@ -28,7 +28,7 @@ from metarun.algo import build_algorithm
 from metarun.algo.adapted import inner_rate
 from metarun.backbone import Encoder, load_backbone
 from metarun.config import MetarunConfig, register_configs
-from metarun.experiment import set_precision
+from metarun.experiment import set_episode_batch, set_precision
 from metarun.hardware import Hardware, seed_everything, setup_hardware
 from metarun.logger import Logger
 from metarun.task import STREAM, Episode, EpisodeSampler, fixed_episodes, load_task
@@ -159,6 +159,7 @@ def build_algo(cfg: DictConfig, typed: MetarunConfig, hw: Hardware, data, encode
     algo.prepare(data)
     algo = algo.to(hw.device)
     set_precision(hw, algo, parameter_count(encoder))
+    set_episode_batch(algo, typed.hardware.episode_batch)
     return algo
 
 

@@ -53,6 +53,7 @@ LIMITS: dict[str, Limit | list[Limit]] = {
     "backbone.top_k": (1, AT_LEAST),
     "backbone.length_buckets": (0, AT_LEAST),
     "hardware.threads": (0, AT_LEAST),
+    "hardware.episode_batch": (1, AT_LEAST),
     "algo.inner_steps": (1, AT_LEAST),  # zero steps is no adaptation: use algo=protonet/frozen
     "algo.eval_inner_steps": (1, AT_LEAST),
     "algo.inner_lr": (0, ABOVE),

@@ -82,6 +82,11 @@ class HardwareConfig:
     precision: str = choice("auto", "fp32", "bf16")
     tf32: bool = False
     threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    # Episodes adapted side by side in one inner loop, each with its own LoRA factors (LoRA
+    # under the verbalizer head: MAML, FOMAML, fine-tuning): test and validation blocks, and
+    # each train.episodes_per_backward chunk. Per-episode results are unchanged (algo/batched.py)
+    # and other algorithms adapt one at a time. 1: one at a time everywhere.
+    episode_batch: int = 1
     distributed: bool = False  # data-parallel over torchrun's processes (nccl on CUDA, gloo on CPU)
 
 

@@ -247,6 +247,7 @@ def assemble(spec: RunSpec, claimed: Claimed, hw: Hardware, record: Record) -> t
     algo = build_model(typed, spec.resolved, data, record.summary).to(hw.device)
     dist.sync_module(algo)
     record.summary["precision"] = set_precision(hw, algo, record.summary["backbone_params"])
+    record.summary["episode_batch"] = set_episode_batch(algo, typed.hardware.episode_batch)
     sampler, val, test = make_episodes(data, typed)
     record.logger = build_logger(typed, spec.run_dir, spec.choices, algo.family, spec.group,
                                  spec.resolved, state["wandb_run_id"] if state else None,
@@ -311,6 +312,17 @@ def set_precision(hw: Hardware, algo: Algorithm, params: int) -> dict[str, Any]:
     if hw.precision == "bf16":
         stored = store_frozen_in_bf16(algo.encoder.model, adapted)
     return hw.facts() | {"frozen_weights_in_bf16": stored, "warning": warning}
+
+
+def set_episode_batch(algo: Algorithm, size: int) -> dict[str, Any]:
+    """hardware.episode_batch handed to the algorithm; what summary.json says of it."""
+    algo.episode_batch = size
+    batched = size > 1 and algo.batches_episodes
+    if size > 1 and not batched:
+        why = "side by side needs LoRA under the verbalizer head, algo/batched.py"
+        log.info("hardware.episode_batch=%d: this algorithm adapts one episode at a time (%s)",
+                 size, why)  # fmt: skip
+    return {"requested": size, "side_by_side": batched}
 
 
 def episode_record(result: EvalResult, test: list, typed: MetarunConfig) -> dict[str, Any]:

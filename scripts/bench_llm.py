@@ -1,8 +1,9 @@
 """Decoder-LLM benchmarks: LoRA second-order MAML with the verbalizer head, with and without
 checkpointed inner steps and with LoRA in the last k blocks only (the blocks below run once
-per episode); in-context learning with and without shared-prefix scoring; and test-time
-adaptation of the LoRA verbalizer on validation episodes, LoRA in every block against the last
-k blocks (speed and paired accuracy: the choice of k is made on validation classes).
+per episode) and with a meta-batch side by side; in-context learning with and without
+shared-prefix scoring; and test-time adaptation of the LoRA verbalizer on validation episodes,
+LoRA in every block against the last k blocks and against blocks of episodes side by side
+(speed and paired accuracy: the choice of k is made on validation classes).
 
     python scripts/bench_llm.py                        # CPU, backbone=smollm2 (offline)
     python scripts/bench_llm.py --device cuda --precision bf16 \
@@ -10,6 +11,7 @@ k blocks (speed and paired accuracy: the choice of k is made on validation class
     python scripts/bench_llm.py --backbone tiny-llama --steps 1 --warmup 0 --episodes 2  # smoke
     python scripts/bench_llm.py --task "task=banking77 task.data_dir=../shared/data/banking77" \
         --adapt-layers 2,4 --adapt-episodes 20   # validation episodes of BANKING77 split 01
+    python scripts/bench_llm.py --episode-batch 4 --bf16-cells ...   # episodes side by side
 
 Each cell runs in a fresh process (scripts/bench.py's `run_cell`). Writes a JSON results file
 and the `bench-llm:<device>` block of docs/BENCHMARKS.md.
@@ -70,11 +72,16 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def train_cells(args: argparse.Namespace) -> dict[str, list[str]]:
-    """Label -> overrides of the training cells: --train, the top-k ones, and with
-    --bf16-cells each again computing in bf16 (the last override wins)."""
+    """Label -> overrides of the training cells: --train, the top-k ones, with --episode-batch
+    N a meta-batch of N episodes side by side, and with --bf16-cells each again computing in
+    bf16 (the last override wins)."""
     train = {k: v for k, v in TRAIN.items() if k in args.train}
     for k in args.adapt_layers:  # LoRA in the last k blocks only: the bottom runs once
         train[f"maml-lora-verbalizer-top{k}"] = [*VERBALIZER, f"algo.adapt_layers={k}"]
+    for n in args.episode_batch:  # the whole meta-batch in one inner loop
+        train[f"maml-lora-verbalizer-batch{n}"] = [
+            *VERBALIZER, f"hardware.episode_batch={n}", f"train.meta_batch_size={n}",
+            f"train.episodes_per_backward={n}"]  # fmt: skip
     return bf16_twins(train) if args.bf16_cells else train
 
 
@@ -90,6 +97,8 @@ def adapt_variants(args: argparse.Namespace) -> dict[str, list[str]]:
     variants: dict[str, list[str]] = {"all": []}
     for k in args.adapt_layers:
         variants[f"top{k}"] = [f"algo.adapt_layers={k}"]
+    for n in args.episode_batch:  # blocks of n validation episodes side by side
+        variants[f"all-batch{n}"] = [f"hardware.episode_batch={n}"]
     if args.bf16_cells:
         variants = bf16_twins(variants)
     if args.adapt_layers:
@@ -145,13 +154,16 @@ def render(payload: dict[str, Any]) -> str:
 
 
 def adapt_name(label: str) -> str:
-    """'all', 'top2', 'top2-uncached', 'all-bf16', 'top2-bf16' in words."""
+    """'all', 'top2', 'top2-uncached', 'all-bf16', 'top2-bf16', 'all-batch4' in words."""
     head, *rest = label.split("-")
     if head == "all":
         name = "LoRA in every block (the path before issue 25)"
     else:
         at = "at every step" if "uncached" in rest else "once per episode"
         name = f"LoRA in the last {head[3:]} blocks, lower blocks {at}"
+    for part in rest:
+        if part.startswith("batch"):
+            name = f"{name}, {part[5:]} episodes side by side"
     return f"{name}, bf16" if "bf16" in rest else name
 
 
@@ -203,6 +215,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="validation episodes per adaptation cell (0: none)",
     )
     p.add_argument("--eval-steps", type=int, default=10, help="inner steps per test episode")
+    p.add_argument(
+        "--episode-batch",
+        type=lambda s: [int(n) for n in s.split(",") if n],
+        default=[],
+        help="N[,M]: cells adapting N episodes side by side (hardware.episode_batch)",
+    )
     add_task(p)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"))

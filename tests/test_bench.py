@@ -219,3 +219,21 @@ def test_llm_bench_bf16_cells_pair_every_cell_with_its_bf16_twin():
     assert rows[-1].endswith("| +10.0 |")
     assert bench_llm.adapt_name("top4-uncached") == "LoRA in the last 4 blocks, lower blocks " \
         "at every step"  # fmt: skip
+
+
+def test_llm_bench_episode_batch_cells_adapt_episodes_side_by_side():
+    """--episode-batch N: a training cell whose whole meta-batch of N goes side by side, and an
+    adaptation cell over blocks of N validation episodes, named as such."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench_llm
+
+    args = bench_llm.parse_args(["--adapt-layers", "", "--train", "maml-lora-verbalizer",
+                                 "--episode-batch", "4"])  # fmt: skip
+    train = bench_llm.train_cells(args)
+    assert list(train) == ["maml-lora-verbalizer", "maml-lora-verbalizer-batch4"]
+    batched = train["maml-lora-verbalizer-batch4"]
+    assert {"hardware.episode_batch=4", "train.meta_batch_size=4",
+            "train.episodes_per_backward=4"} <= set(batched)  # fmt: skip
+    assert bench_llm.adapt_variants(args) == {"all": [], "all-batch4": ["hardware.episode_batch=4"]}
+    assert bench_llm.adapt_name("all-batch4-bf16") == "LoRA in every block (the path before " \
+        "issue 25), 4 episodes side by side, bf16"  # fmt: skip

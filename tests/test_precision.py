@@ -118,13 +118,16 @@ def test_cpu_bf16_units_agree_with_the_kernel_flags():
 
 
 def test_bf16_run_and_auto_run_record_their_precision(tmp_path, synthetic_jsonl):
-    """Training, validation and testing under bf16 with stored frozen weights end to end; the
-    default (auto) keeps a tiny backbone in fp32 and says why."""
+    """Training, validation and testing under bf16 with stored frozen weights end to end, with
+    episodes side by side (hardware.episode_batch); the default (auto) keeps a tiny backbone in
+    fp32 and says why, and ProtoNet says it adapts one episode at a time."""
     fast = [a for a in FAST if not a.startswith("backbone=")]
     (tmp_path / "bf16").mkdir()
     (tmp_path / "auto").mkdir()
-    common = [*fast, f"task.path={synthetic_jsonl}", "backbone=tiny-llama", "train.steps=2"]
+    common = [*fast, f"task.path={synthetic_jsonl}", "backbone=tiny-llama", "train.steps=2",
+              "hardware.episode_batch=2"]  # fmt: skip
     lora = metarun(*common, *LORA_VERBALIZER, "algo.inner_steps=1", "hardware.precision=bf16",
+                   "train.meta_batch_size=2", "train.episodes_per_backward=2",
                    cwd=tmp_path / "bf16")  # fmt: skip
     assert lora.returncode == 0, lora.stderr[-3000:]
     auto = metarun(*common, "algo=protonet", cwd=tmp_path / "auto")
@@ -135,8 +138,11 @@ def test_bf16_run_and_auto_run_record_their_precision(tmp_path, synthetic_jsonl)
     assert summary["precision"]["used"] == "bf16"
     assert summary["precision"]["frozen_weights_in_bf16"] > 0
     assert summary["precision"]["warning"] is None  # LoRA factors adapt, not base weights
+    assert summary["episode_batch"] == {"requested": 2, "side_by_side": True}
     (fp32,) = run_dirs(tmp_path / "auto")
-    precision = json.loads((fp32 / "summary.json").read_text())["precision"]
+    auto_summary = json.loads((fp32 / "summary.json").read_text())
+    assert auto_summary["episode_batch"] == {"requested": 2, "side_by_side": False}
+    precision = auto_summary["precision"]
     assert precision["requested"] == "auto" and precision["used"] == "fp32"
     assert precision["frozen_weights_in_bf16"] == 0 and precision["why"].startswith("auto: ")
 

@@ -2,6 +2,9 @@
 
 - `meta_loss(episodes)` -> (scalar loss, metrics): what the outer optimiser minimises.
 - `adapt(support, way)` -> predictor: a callable from query examples to logits [n, way].
+- `adapt_many(supports, way)` -> a predictor of several query sets: adapts
+  `hardware.episode_batch` episodes at once where the algorithm can (`batches_episodes`);
+  by default one at a time, through `adapt`.
 - `prepare(data)`: called once with the task before training, for algorithms that need more
   than episodes (label names, the list of meta-train classes). Default: nothing.
 
@@ -25,6 +28,7 @@ from metarun.backbone import Encoder, upcast
 from metarun.task import Episode, Examples, TaskData
 
 Predictor = Callable[[Examples], torch.Tensor]
+ManyPredictor = Callable[[Sequence[Examples]], list[torch.Tensor]]
 
 
 class Algorithm(nn.Module):
@@ -39,6 +43,9 @@ class Algorithm(nn.Module):
     # The method family (metric, gradient, closed-form, model-based, baseline, in-context): the
     # W&B job type, so dashboards group runs by it without the logger naming any algorithm.
     family: str = "other"
+    # hardware.episode_batch: how many episodes training and evaluation hand `adapt_many` at
+    # once (set when a run is assembled). Per-episode results do not depend on it.
+    episode_batch: int = 1
 
     def __init__(self, encoder: Encoder, way: int) -> None:
         super().__init__()
@@ -50,6 +57,22 @@ class Algorithm(nn.Module):
 
     def adapt(self, support: Examples, way: int) -> Predictor:
         raise NotImplementedError
+
+    @property
+    def batches_episodes(self) -> bool:
+        """Whether `adapt_many` adapts several episodes in shared forwards."""
+        return False
+
+    def adapt_many(self, supports: Sequence[Examples], way: int) -> ManyPredictor:
+        """Adapt to several support sets of `way` classes; the predictor takes their query sets
+        in the same order. Default: each episode adapted (when its queries come) and predicted
+        alone, holding one adapted state at a time."""
+
+        def predict(queries: Sequence[Examples]) -> list[torch.Tensor]:
+            pairs = zip(supports, queries, strict=True)
+            return [self.adapt(support, way)(query) for support, query in pairs]
+
+        return predict
 
     def param_groups(self) -> list[dict]:
         """What the outer optimiser updates, as torch optimizer groups (all trainable
@@ -64,16 +87,30 @@ class Algorithm(nn.Module):
     def meta_loss(self, episodes: Sequence[Episode]) -> tuple[torch.Tensor, dict[str, float]]:
         """Default: mean query loss after adapting on each episode's support set."""
         losses, correct, total = [], 0, 0
-        for ep in episodes:
-            shared = self.encoder.cached(ep.text_ids()) if self.feature_cache else nullcontext()
+        for group in blocks(episodes, self.episode_batch):
+            ids = torch.cat([ep.text_ids() for ep in group])
+            shared = self.encoder.cached(ids) if self.feature_cache else nullcontext()
             with shared:
-                logits = self.adapt(ep.support, ep.way)(ep.query)
-            labels = ep.query.labels.to(logits.device)
-            losses.append(self.query_loss(logits, labels))
-            correct += int((logits.argmax(-1) == labels).sum())
-            total += len(labels)
+                predict = self.adapt_many([ep.support for ep in group], group[0].way)
+                outputs = predict([ep.query for ep in group])
+            for ep, logits in zip(group, outputs, strict=True):
+                labels = ep.query.labels.to(logits.device)
+                losses.append(self.query_loss(logits, labels))
+                correct += int((logits.argmax(-1) == labels).sum())
+                total += len(labels)
         loss = torch.stack(losses).mean()
         return loss, {"loss": float(loss.detach()), "acc": correct / total}
+
+
+def blocks(episodes: Sequence[Episode], size: int) -> list[list[Episode]]:
+    """Consecutive episodes in blocks of at most `size`, a block never mixing ways."""
+    out: list[list[Episode]] = []
+    for ep in episodes:
+        if out and len(out[-1]) < size and out[-1][0].way == ep.way:
+            out[-1].append(ep)
+        else:
+            out.append([ep])
+    return out
 
 
 def freeze(module: nn.Module) -> None:

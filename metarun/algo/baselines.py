@@ -18,6 +18,7 @@ from torch import nn
 from metarun.algo.adapted import inner_rate
 from metarun.algo.base import (
     Algorithm,
+    ManyPredictor,
     Predictor,
     freeze,
     fresh_module_groups,
@@ -83,6 +84,18 @@ class FineTune(Algorithm):
     def adapt(self, support: Examples, way: int) -> Predictor:
         return self.inner.run(self.encoder, support, way, self.inner.eval_steps, track=False,
                               create_graph=False).predict  # fmt: skip
+
+    @property
+    def batches_episodes(self) -> bool:
+        return self.inner.can_batch(self.encoder)
+
+    def adapt_many(self, supports: Sequence[Examples], way: int) -> ManyPredictor:
+        """Test episodes side by side in one per-episode fit (algo/batched.py) where LoRA is
+        what adapts; otherwise one at a time."""
+        if len(supports) < 2 or not self.batches_episodes:
+            return super().adapt_many(supports, way)
+        return self.inner.run_many(self.encoder, supports, way, self.inner.eval_steps,
+                                   track=False, create_graph=False).predict  # fmt: skip
 
 
 class FrozenLogReg(Algorithm):

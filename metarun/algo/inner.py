@@ -9,7 +9,7 @@ detached, which is what evaluation and Reptile need and keeps memory flat.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +23,7 @@ from metarun.algo.adapted import (
     inner_rate,
     untied_input_embedding,
 )
+from metarun.algo.batched import batchable, side_by_side
 from metarun.algo.heads import Head, build_head, resolve_adapt
 from metarun.algo.recompute import checkpointed_step
 from metarun.backbone import Encoder
@@ -38,6 +39,15 @@ class Adapted:
     params: dict[str, torch.Tensor]  # "model.<name>" for encoder tensors, plus the head's
     support_loss: float  # after the last step's update was computed (before it was applied)
     predict: Callable[[Examples], torch.Tensor]
+
+
+@dataclass
+class AdaptedMany:
+    """Several episodes adapted at once (`InnerLoop.run_many`)."""
+
+    params: dict[str, torch.Tensor]  # every episode's LoRA factors side by side (batched.py)
+    support_losses: list[float]  # per episode, as `Adapted.support_loss`
+    predict: Callable[[Sequence[Examples]], list[torch.Tensor]]  # query sets -> logits each
 
 
 def build_inner_loop(
@@ -82,6 +92,14 @@ class InnerLoop(nn.Module):
         else:
             self.register_buffer("lrs", lrs)
         self.head = head
+        # Whether episodes can adapt side by side: LoRA factors are all that adapts, and the
+        # head scores several episodes in one forward
+        self.batchable = head.batches and self.table is None and batchable(encoder.model, names)
+
+    def can_batch(self, encoder: Encoder, checkpoint: bool = False) -> bool:
+        """`run_many` applies: nothing would replay a forward outside its context (activation
+        checkpointing of the encoder, checkpointed inner steps)."""
+        return self.batchable and not encoder.checkpointing and not checkpoint
 
     @property
     def adapts_encoder(self) -> bool:
@@ -150,6 +168,38 @@ class InnerLoop(nn.Module):
             return self.head.scores(encoder, query, params)
 
         return Adapted(params, float(loss.detach()), predict)
+
+    def run_many(
+        self, encoder: Encoder, supports: Sequence[Examples], way: int, steps: int, track: bool,
+        create_graph: bool,
+    ) -> AdaptedMany:  # fmt: skip
+        """`run` for several episodes at once, each with its own LoRA factors (algo/batched.py):
+        the summed support loss gives each episode's factors its own loss's gradient."""
+        if not self.can_batch(encoder):
+            raise MetarunError("these adapted weights cannot be batched by episode")
+        n, state = len(supports), {}
+        bottom = encoder.frozen_below(self.split, keep_graph=track)
+        with torch.enable_grad(), bottom:
+            start, _ = self.start(encoder, track, None)
+            params = side_by_side(start, n)
+            if not track:
+                params = {k: v.detach().requires_grad_() for k, v in params.items()}
+            labels = [s.labels.to(encoder.device) for s in supports]
+            losses = [torch.tensor(float("nan"))] * n
+            for step in range(steps):
+                scores = self.head.scores_many(encoder, supports, params)
+                losses = [F.cross_entropy(x, y) for x, y in zip(scores, labels, strict=True)]
+                total = torch.stack(losses).sum()
+                params = self.update(params, total, step, track, create_graph, state)
+        if not track:
+            params = {k: v.detach() for k, v in params.items()}
+
+        def predict(queries: Sequence[Examples]) -> list[torch.Tensor]:
+            if len(queries) != n:
+                raise MetarunError(f"{len(queries)} query sets for {n} adapted episodes")
+            return self.head.scores_many(encoder, queries, params)
+
+        return AdaptedMany(params, [float(x.detach()) for x in losses], predict)
 
     def fixed_inputs(self, encoder: Encoder, params: dict) -> dict[str, torch.Tensor]:
         """What a checkpointed step reads besides the adapted tensors and the inner Adam state

@@ -7,8 +7,9 @@ the query loss of the adapted weights, so the base `meta_loss` applies unchanged
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Sequence
 
-from metarun.algo.base import Algorithm, Predictor
+from metarun.algo.base import Algorithm, ManyPredictor, Predictor
 from metarun.algo.inner import build_inner_loop
 from metarun.backbone import Encoder, second_order_attention
 from metarun.config import MAMLConfig
@@ -41,12 +42,13 @@ class MAML(Algorithm):
     def prepare(self, data: TaskData) -> None:
         self.inner.prepare(data)
 
+    @property
+    def batches_episodes(self) -> bool:
+        return self.backend == "func" and self.inner.can_batch(self.encoder, self.checkpoint)
+
     def adapt(self, support: Examples, way: int) -> Predictor:
-        training = self.training
-        steps = self.inner.steps if training else self.inner.eval_steps
-        second = training and not self.first_order
-        attention = second_order_attention() if second else contextlib.nullcontext()
-        with attention:
+        steps, second = self.schedule()
+        with self.attention(second):
             if self.backend == "higher":
                 from metarun.algo.higher_backend import adapt_with_higher
 
@@ -56,16 +58,41 @@ class MAML(Algorithm):
                 support,
                 way,
                 steps,
-                track=training,
+                track=self.training,
                 create_graph=second,
                 recompute=not self.reuse_features,
                 checkpoint=self.checkpoint,
             )
+        return self.under_attention(adapted.predict, second)
+
+    def adapt_many(self, supports: Sequence[Examples], way: int) -> ManyPredictor:
+        """Episodes side by side in one inner loop (algo/batched.py) where the adapted weights
+        allow it; otherwise one at a time."""
+        if len(supports) < 2 or not self.batches_episodes:
+            return super().adapt_many(supports, way)
+        steps, second = self.schedule()
+        with self.attention(second):
+            adapted = self.inner.run_many(self.encoder, supports, way, steps,
+                                          track=self.training, create_graph=second)  # fmt: skip
+        return self.under_attention(adapted.predict, second)
+
+    def schedule(self) -> tuple[int, bool]:
+        """(inner steps, whether second order) in the current mode."""
+        steps = self.inner.steps if self.training else self.inner.eval_steps
+        return steps, self.training and not self.first_order
+
+    @staticmethod
+    def attention(second: bool) -> contextlib.AbstractContextManager:
+        return second_order_attention() if second else contextlib.nullcontext()
+
+    def under_attention(self, predict: Callable, second: bool) -> Callable:
+        """Second order: the query forward runs under the attention kernel with a double
+        backward too (the outer backward goes through it)."""
         if not second:
-            return adapted.predict
+            return predict
 
-        def predict(query: Examples):
+        def wrapped(query):
             with second_order_attention():
-                return adapted.predict(query)
+                return predict(query)
 
-        return predict
+        return wrapped

@@ -13,8 +13,9 @@ ordinary forward: it takes adapted weights and carries gradients (MetaICL, MAML 
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,10 @@ import torch
 from metarun.backbone.encoder import Encoder, upcast
 from metarun.backbone.packing import attention_mask, pack_rows
 from metarun.errors import MetarunError
+
+# Called with a forward's [rows, width] tree index of every token slot (padding: negative), it
+# gives the context that forward runs in (algo/batched.py: each episode's own LoRA factors).
+Around = Callable[[torch.Tensor], contextlib.AbstractContextManager]
 
 DECODERS = "a decoder backbone (backbone=smollm2 offline, gpt2, qwen2.5-0.5b, llama-3.2-1b)"
 
@@ -164,9 +169,9 @@ class PromptScorer:
             )
 
     def logprobs(
-        self, trees: Sequence[Tree], params: dict | None = None
+        self, trees: Sequence[Tree], params: dict | None = None, around: Around | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(summed log-probability, token count) of every leaf."""
+        """(summed log-probability, token count) of every leaf; `around`: see `Around`."""
         self.check_length(trees)
         sizes = [len(t) for t in trees]
         width = max(sizes)
@@ -179,12 +184,12 @@ class PromptScorer:
         counts = torch.zeros(n_leaves, device=device, dtype=dtype)
         for start in range(0, len(rows), per_forward):
             part = rows[start : start + per_forward]
-            lp, owner = self._forward(trees, part, width, params)
+            lp, owner = self._forward(trees, part, width, params, around)
             sums = sums.index_add(0, owner, lp.to(sums.dtype))
             counts = counts.index_add(0, owner, torch.ones_like(counts[owner]))
         return sums, counts
 
-    def _forward(self, trees, rows, width, params) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, trees, rows, width, params, around) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self.encoder
         device = enc.device
         pad = enc.tokenizer.pad_token_id or 0
@@ -202,7 +207,8 @@ class PromptScorer:
         )
         mask = attention_mask(sees.unsqueeze(1), enc.additive_mask_dtype())
         inputs = {"input_ids": ids, "position_ids": positions, "attention_mask": mask}
-        hidden = enc.hidden(inputs, params).reshape(-1, enc.model.config.hidden_size)
+        with around(tree) if around else contextlib.nullcontext():
+            hidden = enc.hidden(inputs, params).reshape(-1, enc.model.config.hidden_size)
         picked = hidden[torch.tensor(lay.predictor, device=device)]
         logits = upcast(enc.lm_logits(picked, params))  # only where a label token is predicted
         target = torch.tensor(lay.target, device=device)[:, None]
@@ -217,6 +223,26 @@ def label_scores(sums: torch.Tensor, counts: torch.Tensor, score: str) -> torch.
 
 def chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def score_matrices(
+    scorer: PromptScorer, parts: Sequence[tuple[list[int], list[list[int]], list[list[int]]]],
+    per_tree: int, score: str, params: dict | None = None,
+    around: Callable[[list[int]], Around] | None = None,
+) -> list[torch.Tensor]:  # fmt: skip
+    """`score_matrix` of several (prefix, stems, leaves) parts (episodes) in shared forwards:
+    [stems, leaves] scores per part. `around(owner)`, `owner` each tree's part, gives the
+    context of each forward (see `Around`)."""
+    trees, owner = [], []
+    for i, (prefix, stems, leaves) in enumerate(parts):
+        for part in chunks(stems, per_tree):
+            trees.append(Tree(prefix, part, [leaves] * len(part)))
+            owner.append(i)
+    sums, counts = scorer.logprobs(trees, params, around(owner) if around else None)
+    scores = label_scores(sums, counts, score)  # leaves in (tree, stem, leaf) order: by part
+    sizes = [len(stems) * len(leaves) for _, stems, leaves in parts]
+    return [s.view(len(stems), len(leaves))
+            for s, (_, stems, leaves) in zip(scores.split(sizes), parts, strict=True)]  # fmt: skip
 
 
 def score_matrix(

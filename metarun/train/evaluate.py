@@ -11,6 +11,7 @@ import torch
 from tqdm import tqdm
 
 from metarun.algo import Algorithm
+from metarun.algo.base import blocks
 from metarun.distributed import Dist
 from metarun.task import Episode
 
@@ -48,6 +49,17 @@ def macro_f1(pred: np.ndarray, true: np.ndarray, way: int) -> float:
     return float(np.mean(scores))
 
 
+def index_blocks(mine: list[int], episodes: Sequence[Episode], size: int) -> list[list[int]]:
+    """Indices `mine` in consecutive blocks of at most `size` episodes of one way: what
+    `adapt_many` gets at once (hardware.episode_batch)."""
+    by_index = blocks([episodes[i] for i in mine], size)
+    out, start = [], 0
+    for block in by_index:
+        out.append(mine[start : start + len(block)])
+        start += len(block)
+    return out
+
+
 def evaluate(
     algo: Algorithm,
     episodes: Sequence[Episode],
@@ -60,6 +72,7 @@ def evaluate(
     With several processes each evaluates every world-th episode and the per-episode results
     are gathered back into episode order, so the result does not depend on the process count.
     `progress`: a progress bar with this label (600 adapted episodes can take minutes).
+    Episodes go to `adapt_many` `algo.episode_batch` at a time; results are per episode.
     """
     dist = dist or Dist()
     was_training = algo.training
@@ -69,14 +82,18 @@ def evaluate(
     ids = torch.cat([episodes[i].text_ids() for i in mine]) if mine else torch.zeros(0).long()
     use_cache = algo.feature_cache and len(ids) > 0
     cache = algo.encoder.cached(ids) if use_cache else contextlib.nullcontext()
-    bar = tqdm(mine, desc=progress, disable=progress is None, unit="episode", leave=False)
+    bar = tqdm(total=len(mine), desc=progress, disable=progress is None, unit="episode",
+               leave=False)  # fmt: skip
     with torch.no_grad(), autocast(), cache:
-        for i in bar:
-            ep = episodes[i]
-            logits = algo.adapt(ep.support, ep.way)(ep.query)
-            pred = logits.argmax(-1).cpu().numpy()
-            true = ep.query.labels.numpy()
-            results[i] = (float((pred == true).mean()), macro_f1(pred, true, ep.way))
+        for block in index_blocks(mine, episodes, algo.episode_batch):
+            eps = [episodes[i] for i in block]
+            predict = algo.adapt_many([ep.support for ep in eps], eps[0].way)
+            for i, ep, logits in zip(block, eps, predict([ep.query for ep in eps]), strict=True):
+                pred = logits.argmax(-1).cpu().numpy()
+                true = ep.query.labels.numpy()
+                results[i] = (float((pred == true).mean()), macro_f1(pred, true, ep.way))
+            bar.update(len(block))
+    bar.close()
     algo.train(was_training)
     for part in dist.gather(results):  # every process's share (just ours with one process)
         results |= part

@@ -2,14 +2,16 @@
 
 A head is built once from `algo.head` and gives the inner loop four things: the tensors it adds
 to the adapted weights (`start`), the class scores of some examples under adapted weights
-(`scores`), whether the input-embedding table may be cut to an episode's tokens (`cuts_table`),
-and what `algo.adapt=auto` means under it (`default_adapt`); fine-tuning also asks it for its
-training objective (`objective`). The inner loop, the algorithms and
-the trainer never ask which head they hold; a new head is one file here plus its name below.
+(`scores`; `scores_many` for several episodes at once where `batches`), whether the
+input-embedding table may be cut to an episode's tokens (`cuts_table`), and what
+`algo.adapt=auto` means under it (`default_adapt`); fine-tuning also asks it for its training
+objective (`objective`). The inner loop, the algorithms and the trainer never ask which head
+they hold; a new head is one file here plus its name below.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -26,6 +28,7 @@ from metarun.task import Examples, TaskData
 class Head(Protocol):
     names: tuple[str, ...]  # the head's own entries in the adapted weights
     cuts_table: bool  # whether scores read only the episode's tokens from the embedding table
+    batches: bool  # whether `scores_many` scores several episodes (own LoRA factors) at once
     default_adapt: str | None  # algo.adapt=auto under this head; None: the algorithm's choice
     no_head: str  # why algo.adapt=head cannot work ("" when it can)
 
@@ -40,6 +43,10 @@ class Head(Protocol):
         self, encoder: Encoder, examples: Examples, params: dict[str, torch.Tensor],
         vocab: torch.Tensor | None = None, feats: torch.Tensor | None = None,
     ) -> torch.Tensor: ...  # fmt: skip
+
+    def scores_many(
+        self, encoder: Encoder, parts: Sequence[Examples], params: dict[str, torch.Tensor]
+    ) -> list[torch.Tensor]: ...
 
     def initial(self, name: str) -> torch.Tensor | None: ...
 

@@ -23,6 +23,9 @@ WEIGHT, BIAS = "head.weight", "head.bias"
 class LinearHead(nn.Module):
     names = (WEIGHT, BIAS)
     cuts_table = True
+    # Pooled features of packed texts carry no token layout by episode: episodes adapt one at
+    # a time (algo/batched.py)
+    batches = False
     default_adapt = None
     no_head = ""
 
@@ -81,6 +84,11 @@ class LinearHead(nn.Module):
         if feats is None:
             feats = encoder(examples.ids, params=encoder_params(params), vocab=vocab)
         return F.linear(upcast(feats), params[WEIGHT], params[BIAS])
+
+    def scores_many(
+        self, encoder: Encoder, parts: Sequence[Examples], params: dict[str, torch.Tensor]
+    ) -> list[torch.Tensor]:
+        raise MetarunError("the linear head scores one episode at a time (batches=False)")
 
     def objective(self, encoder: Encoder, data: TaskData) -> AllClassObjective:
         """Fine-tuning's training under this head: ordinary classification over every
