@@ -57,6 +57,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     base = [*SHAPE, f"task.shots={args.shots}", *shlex.split(args.task),
             *hardware_overrides(args), f"backbone={args.backbone}"]  # fmt: skip
     results: dict[str, Any] = {"train": {}, "icl": {}, "adapt": {}}
+    if args.only_adapt:
+        results["adapt"] = measure_adapt(args, base)
+        return results
     for label, overrides in train_cells(args).items():
         cell = run_cell("train", {"overrides": base + overrides, "warmup": args.warmup,
                                   "steps": args.steps}, args.threads)  # fmt: skip
@@ -97,11 +100,13 @@ def adapt_variants(args: argparse.Namespace) -> dict[str, list[str]]:
     variants: dict[str, list[str]] = {"all": []}
     for k in args.adapt_layers:
         variants[f"top{k}"] = [f"algo.adapt_layers={k}"]
+        for lr in args.adapt_rates:  # fewer adapted blocks may want a larger inner rate
+            variants[f"top{k}-lr{lr:g}"] = [f"algo.adapt_layers={k}", f"algo.inner_lr={lr:g}"]
     for n in args.episode_batch:  # blocks of n validation episodes side by side
         variants[f"all-batch{n}"] = [f"hardware.episode_batch={n}"]
     if args.bf16_cells:
         variants = bf16_twins(variants)
-    if args.adapt_layers:
+    if args.adapt_layers and not args.only_adapt:
         k = min(args.adapt_layers)
         variants[f"top{k}-uncached"] = [f"algo.adapt_layers={k}", "algo.cache_frozen_layers=false"]
     return variants
@@ -154,7 +159,8 @@ def render(payload: dict[str, Any]) -> str:
 
 
 def adapt_name(label: str) -> str:
-    """'all', 'top2', 'top2-uncached', 'all-bf16', 'top2-bf16', 'all-batch4' in words."""
+    """'all', 'top2', 'top2-uncached', 'all-bf16', 'top2-bf16', 'all-batch4', 'top4-lr0.3' in
+    words."""
     head, *rest = label.split("-")
     if head == "all":
         name = "LoRA in every block (the path before issue 25)"
@@ -164,6 +170,8 @@ def adapt_name(label: str) -> str:
     for part in rest:
         if part.startswith("batch"):
             name = f"{name}, {part[5:]} episodes side by side"
+        if part.startswith("lr"):
+            name = f"{name}, inner rate {part[2:]}"
     return f"{name}, bf16" if "bf16" in rest else name
 
 
@@ -215,6 +223,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="validation episodes per adaptation cell (0: none)",
     )
     p.add_argument("--eval-steps", type=int, default=10, help="inner steps per test episode")
+    p.add_argument(
+        "--adapt-rates",
+        type=lambda s: [float(r) for r in s.split(",") if r],
+        default=[],
+        help="r[,s]: each top-k adaptation cell again at these inner rates (algo.inner_lr)",
+    )
+    p.add_argument(
+        "--only-adapt",
+        action="store_true",
+        help="only the adaptation cells (no training, ICL or uncached cells)",
+    )
     p.add_argument(
         "--episode-batch",
         type=lambda s: [int(n) for n in s.split(",") if n],

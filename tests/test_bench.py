@@ -237,3 +237,17 @@ def test_llm_bench_episode_batch_cells_adapt_episodes_side_by_side():
     assert bench_llm.adapt_variants(args) == {"all": [], "all-batch4": ["hardware.episode_batch=4"]}
     assert bench_llm.adapt_name("all-batch4-bf16") == "LoRA in every block (the path before " \
         "issue 25), 4 episodes side by side, bf16"  # fmt: skip
+
+
+def test_llm_bench_rate_cells_give_each_top_k_cell_its_rates():
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench_llm
+
+    args = bench_llm.parse_args(["--adapt-layers", "4", "--adapt-rates", "0.3,1", "--only-adapt"])
+    assert bench_llm.adapt_variants(args) == {
+        "all": [], "top4": ["algo.adapt_layers=4"],
+        "top4-lr0.3": ["algo.adapt_layers=4", "algo.inner_lr=0.3"],
+        "top4-lr1": ["algo.adapt_layers=4", "algo.inner_lr=1"],
+    }  # fmt: skip
+    assert bench_llm.adapt_name("top4-lr0.3") == "LoRA in the last 4 blocks, lower blocks once " \
+        "per episode, inner rate 0.3"  # fmt: skip
