@@ -69,7 +69,7 @@ step bench 200 "$python" scripts/bench.py --device cuda --precision bf16 \
     --out "$out/results-cuda.json" --markdown "$out/BENCHMARKS.md"
 step bench-llm 160 "$python" scripts/bench_llm.py --device cuda --precision bf16 \
     --backbone smollm2-random --steps 1 --warmup 1 --episodes 20 --unshared 3 --budget 135 \
-    --train maml-lora-verbalizer,maml-lora-verbalizer-ckpt --adapt-layers 2 --adapt-episodes 0 \
+    --train maml-lora-verbalizer --adapt-layers 2 --episode-batch 4 --adapt-episodes 0 \
     --out "$out/results-llm-cuda.json" --markdown "$out/BENCHMARKS.md"
 
 "$python" scripts/gpu_summary.py "$out"
