@@ -131,31 +131,38 @@ def render(payload: dict[str, Any]) -> str:
         f"{m['device']} ({m.get('gpu') or m['cpu']}, {m['threads']} threads), {m['precision']}, "
         f"backbone={payload['backbone']}, 5-way {payload['shots']}-shot, 5 queries per class; "
         f"`{payload['command']}`",
-        "",
-        "| LoRA MAML, verbalizer head | episodes/s | peak memory (MB) | GFLOPs per episode |",
-        "|---|---|---|---|",
     ]
-    for label, cell in res["train"].items():
+    if res["train"]:
+        lines += ["", *render_train(res["train"])]
+    if res["icl"]:
+        lines += ["", *render_icl(res["icl"])]
+    if res.get("adapt"):
+        lines += ["", *render_adapt(res["adapt"])]
+    return "\n".join(lines)
+
+
+def render_train(cells: dict[str, Any]) -> list[str]:
+    lines = ["| LoRA MAML, verbalizer head | episodes/s | peak memory (MB) | GFLOPs per episode |",
+             "|---|---|---|---|"]  # fmt: skip
+    for label, cell in cells.items():
         if "error" in cell:
             lines.append(f"| {label} | {failure(cell)} | | |")
             continue
         lines.append(f"| {label} | {fmt(rate(cell), '.3f')} | {fmt(cell['peak_mb'], '.0f')} | "
                      f"{fmt(cell['flops'] / cell['episodes'] / 1e9, '.0f')} |")  # fmt: skip
-    icl = res["icl"]
-    lines += ["", "| in-context learning | episodes | episodes/s | accuracy |", "|---|---|---|---|"]
+    return lines
+
+
+def render_icl(icl: dict[str, Any]) -> list[str]:
+    lines = ["| in-context learning | episodes | episodes/s | accuracy |", "|---|---|---|---|"]
     if "error" in icl:
-        lines.append(f"| {failure(icl)} | | | |")
-    else:
-        for label, name in (("unshared", "each (query, label) alone"),
-                            ("shared", "shared prefix")):  # fmt: skip
-            c = icl[label]
-            lines.append(f"| {name} | {c['episodes']} | {c['episodes_per_second']:.3f} | "
-                         f"{100 * c['acc']:.1f} |")  # fmt: skip
-        speedup = icl["shared"]["episodes_per_second"] / icl["unshared"]["episodes_per_second"]
-        lines.append(f"\nShared-prefix scoring: {speedup:.1f}x the episodes/s.")
-    if res.get("adapt"):
-        lines += ["", *render_adapt(res["adapt"])]
-    return "\n".join(lines)
+        return [*lines, f"| {failure(icl)} | | | |"]
+    for label, name in (("unshared", "each (query, label) alone"), ("shared", "shared prefix")):
+        c = icl[label]
+        lines.append(f"| {name} | {c['episodes']} | {c['episodes_per_second']:.3f} | "
+                     f"{100 * c['acc']:.1f} |")  # fmt: skip
+    speedup = icl["shared"]["episodes_per_second"] / icl["unshared"]["episodes_per_second"]
+    return [*lines, f"\nShared-prefix scoring: {speedup:.1f}x the episodes/s."]
 
 
 def adapt_name(label: str) -> str:

@@ -251,3 +251,16 @@ def test_llm_bench_rate_cells_give_each_top_k_cell_its_rates():
     }  # fmt: skip
     assert bench_llm.adapt_name("top4-lr0.3") == "LoRA in the last 4 blocks, lower blocks once " \
         "per episode, inner rate 0.3"  # fmt: skip
+    cell = {"episodes_per_second": 1.0, "acc": 0.5, "ci95": 0.1, "accuracies": [0.5, 0.5]}
+    machine = {"device": "cpu", "cpu": "x", "threads": 1, "precision": "bf16"}
+    text = bench_llm.render(
+        {
+            "machine": machine,
+            "backbone": "b",
+            "shots": 1,
+            "command": "c",
+            "results": {"train": {}, "icl": {}, "adapt": {"all": cell}},
+        }
+    )
+    assert "in-context" not in text and "LoRA MAML" not in text  # --only-adapt ran neither
+    assert "| LoRA in every block (the path before issue 25) | 1.000 | 1.0x |" in text
