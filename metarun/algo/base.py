@@ -87,7 +87,8 @@ class Algorithm(nn.Module):
     def meta_loss(self, episodes: Sequence[Episode]) -> tuple[torch.Tensor, dict[str, float]]:
         """Default: mean query loss after adapting on each episode's support set."""
         losses, correct, total = [], 0, 0
-        for group in blocks(episodes, self.episode_batch):
+        size = self.episode_batch if self.batches_episodes else 1  # caches fill per episode
+        for group in blocks(episodes, size):
             ids = torch.cat([ep.text_ids() for ep in group])
             shared = self.encoder.cached(ids) if self.feature_cache else nullcontext()
             with shared:
