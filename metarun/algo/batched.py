@@ -40,11 +40,15 @@ def rank_dim(name: str) -> int:
     return found[0]
 
 
-def side_by_side(params: dict[str, torch.Tensor], n: int) -> dict[str, torch.Tensor]:
+def side_by_side(
+    params: dict[str, torch.Tensor], n: int, track: bool = True
+) -> dict[str, torch.Tensor]:
     """`n` copies of each LoRA factor, concatenated along its rank dimension: the starting point
-    of `n` episodes. The copies are views of the originals in the graph, so an outer gradient
-    sums the episodes' gradients, as one-at-a-time adaptation of a meta-batch does."""
-    return {k: torch.cat([v] * n, dim=rank_dim(k)) for k, v in params.items()}
+    of `n` episodes. Tracked (`track`), the copies stay functions of the originals, so an outer
+    gradient sums the episodes' gradients as one-at-a-time adaptation of a meta-batch does;
+    otherwise they are fresh leaves, as evaluation's inner loop starts from."""
+    out = {k: torch.cat([v] * n, dim=rank_dim(k)) for k, v in params.items()}
+    return out if track else {k: v.detach().requires_grad_() for k, v in out.items()}
 
 
 def episode_slice(params: dict[str, torch.Tensor], n: int, e: int) -> dict[str, torch.Tensor]:

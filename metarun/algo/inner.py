@@ -93,8 +93,9 @@ class InnerLoop(nn.Module):
             self.register_buffer("lrs", lrs)
         self.head = head
         # Whether episodes can adapt side by side: LoRA factors are all that adapts, and the
-        # head scores several episodes in one forward
-        self.batchable = head.batches and self.table is None and batchable(encoder.model, names)
+        # head scores several episodes in one forward (a head without `batches` does not)
+        many = getattr(head, "batches", False)
+        self.batchable = many and self.table is None and batchable(encoder.model, names)
 
     def can_batch(self, encoder: Encoder, checkpoint: bool = False) -> bool:
         """`run_many` applies: nothing would replay a forward outside its context (activation
@@ -173,17 +174,13 @@ class InnerLoop(nn.Module):
         self, encoder: Encoder, supports: Sequence[Examples], way: int, steps: int, track: bool,
         create_graph: bool,
     ) -> AdaptedMany:  # fmt: skip
-        """`run` for several episodes at once, each with its own LoRA factors (algo/batched.py):
-        the summed support loss gives each episode's factors its own loss's gradient."""
+        """`run` for several episodes at once, each with its own LoRA factors (batched.py)."""
         if not self.can_batch(encoder):
             raise MetarunError("these adapted weights cannot be batched by episode")
         n, state = len(supports), {}
         bottom = encoder.frozen_below(self.split, keep_graph=track)
         with torch.enable_grad(), bottom:
-            start, _ = self.start(encoder, track, None)
-            params = side_by_side(start, n)
-            if not track:
-                params = {k: v.detach().requires_grad_() for k, v in params.items()}
+            params = side_by_side(self.start(encoder, track, None)[0], n, track)
             labels = [s.labels.to(encoder.device) for s in supports]
             losses = [torch.tensor(float("nan"))] * n
             for step in range(steps):
@@ -246,21 +243,21 @@ class InnerLoop(nn.Module):
         for i, (name, grad) in enumerate(zip(params, grads, strict=True)):
             value = params[name]
             if grad is not None:
-                direction = self.adam(name, grad, step, state) if self.optimizer == "adam" else grad
+                direction = adam(name, grad, step, state) if self.optimizer == "adam" else grad
                 value = value - lrs[i] * direction
             new[name] = value if track else value.detach().requires_grad_()
         return new
 
-    @staticmethod
-    def adam(name: str, grad: torch.Tensor, step: int, state: dict) -> torch.Tensor:
-        """A differentiable Adam direction (bias-corrected); the moments of each adapted tensor
-        live in the flat `state` under "m:<name>" and "v:<name>"."""
-        (b1, b2), m, v = ADAM_BETAS, f"m:{name}", f"v:{name}"
-        state[m] = b1 * state.get(m, torch.zeros_like(grad)) + (1 - b1) * grad
-        state[v] = b2 * state.get(v, torch.zeros_like(grad)) + (1 - b2) * grad * grad
-        m_hat = state[m] / (1 - b1 ** (step + 1))
-        v_hat = state[v] / (1 - b2 ** (step + 1))
-        return m_hat / ((v_hat + ADAM_EPS**2).sqrt() + ADAM_EPS)
+
+def adam(name: str, grad: torch.Tensor, step: int, state: dict) -> torch.Tensor:
+    """A differentiable Adam direction (bias-corrected); the moments of each adapted tensor
+    live in the flat `state` under "m:<name>" and "v:<name>"."""
+    (b1, b2), m, v = ADAM_BETAS, f"m:{name}", f"v:{name}"
+    state[m] = b1 * state.get(m, torch.zeros_like(grad)) + (1 - b1) * grad
+    state[v] = b2 * state.get(v, torch.zeros_like(grad)) + (1 - b2) * grad * grad
+    m_hat = state[m] / (1 - b1 ** (step + 1))
+    v_hat = state[v] / (1 - b2 ** (step + 1))
+    return m_hat / ((v_hat + ADAM_EPS**2).sqrt() + ADAM_EPS)
 
 
 def adapted_encoder_weights(algo: nn.Module) -> set[str]:

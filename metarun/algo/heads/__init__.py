@@ -28,7 +28,9 @@ from metarun.task import Examples, TaskData
 class Head(Protocol):
     names: tuple[str, ...]  # the head's own entries in the adapted weights
     cuts_table: bool  # whether scores read only the episode's tokens from the embedding table
-    batches: bool  # whether `scores_many` scores several episodes (own LoRA factors) at once
+    # whether `scores_many` scores several episodes (own LoRA factors) at once; a head that
+    # leaves it out (written before it existed) is scored one episode at a time
+    batches: bool
     default_adapt: str | None  # algo.adapt=auto under this head; None: the algorithm's choice
     no_head: str  # why algo.adapt=head cannot work ("" when it can)
 
