@@ -128,3 +128,11 @@ def test_a_lora_layer_outside_the_token_layout_is_refused(compose_cfg, synthetic
         with pytest.raises(MetarunError, match="episode_batch=1"):
             layer(torch.ones(4, layer.in_features, dtype=torch.float64))
     assert (layer(torch.ones(1, 3, layer.in_features, dtype=torch.float64)) != 0).all()
+
+
+def test_episode_batch_below_one_is_refused_by_name(compose_cfg):
+    from metarun.checks import check_config
+
+    check_config(compose_cfg("hardware.episode_batch=8"))
+    with pytest.raises(MetarunError, match=r"hardware.episode_batch=0 is out of range: it must"):
+        check_config(compose_cfg("hardware.episode_batch=0"))
