@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from metarun.task import Episode, Examples, TaskData
 
 Predictor = Callable[[Examples], torch.Tensor]
 ManyPredictor = Callable[[Sequence[Examples]], list[torch.Tensor]]
+T = TypeVar("T")
 
 
 class Algorithm(nn.Module):
@@ -88,7 +90,7 @@ class Algorithm(nn.Module):
         """Default: mean query loss after adapting on each episode's support set."""
         losses, correct, total = [], 0, 0
         size = self.episode_batch if self.batches_episodes else 1  # caches fill per episode
-        for group in blocks(episodes, size):
+        for group in blocks(episodes, size, lambda ep: ep.way):
             ids = torch.cat([ep.text_ids() for ep in group])
             shared = self.encoder.cached(ids) if self.feature_cache else nullcontext()
             with shared:
@@ -103,14 +105,15 @@ class Algorithm(nn.Module):
         return loss, {"loss": float(loss.detach()), "acc": correct / total}
 
 
-def blocks(episodes: Sequence[Episode], size: int) -> list[list[Episode]]:
-    """Consecutive episodes in blocks of at most `size`, a block never mixing ways."""
-    out: list[list[Episode]] = []
-    for ep in episodes:
-        if out and len(out[-1]) < size and out[-1][0].way == ep.way:
-            out[-1].append(ep)
+def blocks(items: Sequence[T], size: int, way: Callable[[T], int]) -> list[list[T]]:
+    """Consecutive items (episodes, or their indices) in blocks of at most `size`, a block
+    never mixing ways (`way` reads an item's)."""
+    out: list[list[T]] = []
+    for item in items:
+        if out and len(out[-1]) < size and way(out[-1][0]) == way(item):
+            out[-1].append(item)
         else:
-            out.append([ep])
+            out.append([item])
     return out
 
 

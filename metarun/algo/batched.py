@@ -91,15 +91,15 @@ def token_episodes(model: nn.Module, episode: torch.Tensor, n: int) -> Iterator[
     `episode`: [rows, width] long, the episode of every token slot of the forward's input
     (-1: padding, which then gets no LoRA term; its outputs are never read).
     """
-    masks: dict[int, torch.Tensor] = {}
+    masks: dict[tuple[int, torch.dtype], torch.Tensor] = {}  # the same for every LoRA layer
 
     def mask(columns: int, dtype: torch.dtype) -> torch.Tensor:
         if columns % n:
             raise MetarunError(f"a LoRA layer has {columns} rank columns for {n} episodes")
-        if columns not in masks:
+        if (columns, dtype) not in masks:
             owner = torch.arange(columns, device=episode.device) // (columns // n)
-            masks[columns] = episode[..., None] == owner
-        return masks[columns].to(dtype)
+            masks[columns, dtype] = (episode[..., None] == owner).to(dtype)
+        return masks[columns, dtype]
 
     def hook(name: str):
         def keep_own(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:

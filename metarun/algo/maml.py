@@ -85,7 +85,8 @@ class MAML(Algorithm):
     def attention(second: bool) -> contextlib.AbstractContextManager:
         return second_order_attention() if second else contextlib.nullcontext()
 
-    def under_attention(self, predict: Callable, second: bool) -> Callable:
+    @staticmethod
+    def under_attention(predict: Callable, second: bool) -> Callable:
         """Second order: the query forward runs under the attention kernel with a double
         backward too (the outer backward goes through it)."""
         if not second:

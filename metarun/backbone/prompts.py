@@ -252,8 +252,7 @@ def score_matrix(
     """[stems, leaves] label scores: every stem followed by every leaf. `shared`: stems share
     the prefix `per_tree` at a time; otherwise each (stem, leaf) pair is scored alone."""
     if shared:
-        trees = [Tree(prefix, part, [leaves] * len(part)) for part in chunks(stems, per_tree)]
-    else:
-        trees = [Tree(prefix, [s], [[leaf]]) for s in stems for leaf in leaves]
+        return score_matrices(scorer, [(prefix, stems, leaves)], per_tree, score, params)[0]
+    trees = [Tree(prefix, [s], [[leaf]]) for s in stems for leaf in leaves]
     sums, counts = scorer.logprobs(trees, params)
     return label_scores(sums, counts, score).view(len(stems), len(leaves))

@@ -49,17 +49,6 @@ def macro_f1(pred: np.ndarray, true: np.ndarray, way: int) -> float:
     return float(np.mean(scores))
 
 
-def index_blocks(mine: list[int], episodes: Sequence[Episode], size: int) -> list[list[int]]:
-    """Indices `mine` in consecutive blocks of at most `size` episodes of one way: what
-    `adapt_many` gets at once (hardware.episode_batch)."""
-    by_index = blocks([episodes[i] for i in mine], size)
-    out, start = [], 0
-    for block in by_index:
-        out.append(mine[start : start + len(block)])
-        start += len(block)
-    return out
-
-
 def evaluate(
     algo: Algorithm,
     episodes: Sequence[Episode],
@@ -85,7 +74,7 @@ def evaluate(
     bar = tqdm(total=len(mine), desc=progress, disable=progress is None, unit="episode",
                leave=False)  # fmt: skip
     with torch.no_grad(), autocast(), cache:
-        for block in index_blocks(mine, episodes, algo.episode_batch):
+        for block in blocks(mine, algo.episode_batch, lambda i: episodes[i].way):
             eps = [episodes[i] for i in block]
             predict = algo.adapt_many([ep.support for ep in eps], eps[0].way)
             for i, ep, logits in zip(block, eps, predict([ep.query for ep in eps]), strict=True):
