@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metarun.algo.batched import episode_slice, side_by_side, token_episodes
+from metarun.algo.batched import episode_slice, is_factor, side_by_side, token_episodes
 from metarun.errors import MetarunError
 from metarun.task import fixed_episodes
 from metarun.train.evaluate import evaluate
@@ -112,6 +112,8 @@ def test_factors_side_by_side_and_back():
             assert torch.equal(value, params[name])
     with pytest.raises(MetarunError, match="not a LoRA factor"):
         side_by_side({"x.weight": a}, 2)
+    assert is_factor("x.lora_B.default.weight")
+    assert not is_factor("x.lora_A.default.bias") and not is_factor("x.lora_A.lora_B.weight")
 
 
 def test_a_lora_layer_outside_the_token_layout_is_refused(compose_cfg, synthetic_task):

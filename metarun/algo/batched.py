@@ -32,12 +32,20 @@ from metarun.errors import MetarunError
 LORA_DIM = {"lora_A": 0, "lora_B": 1}  # the rank dimension of each factor's weight
 
 
+def _factor_dims(name: str) -> list[int]:
+    return [dim for key, dim in LORA_DIM.items() if f".{key}." in name]
+
+
+def is_factor(name: str) -> bool:
+    """Whether `name` is the weight of one LoRA factor (A or B)."""
+    return len(_factor_dims(name)) == 1 and name.endswith(".weight")
+
+
 def rank_dim(name: str) -> int:
     """The dimension of LoRA factor `name`'s weight that holds its rank."""
-    found = [dim for key, dim in LORA_DIM.items() if f".{key}." in name]
-    if len(found) != 1 or not name.endswith(".weight"):
+    if not is_factor(name):
         raise MetarunError(f"{name}: not a LoRA factor's weight; episodes cannot be batched")
-    return found[0]
+    return _factor_dims(name)[0]
 
 
 def side_by_side(
@@ -66,11 +74,7 @@ def batchable(model: nn.Module, names: list[str]) -> bool:
     """Whether the adapted tensors are exactly the model's LoRA factors (each a Linear's):
     then every LoRA layer can carry one factor per episode."""
     lora = {n for n, _ in model.named_parameters() if is_lora(n)}
-    if not names or set(names) != lora:
-        return False
-    try:
-        [rank_dim(n) for n in names]
-    except MetarunError:
+    if not names or set(names) != lora or not all(map(is_factor, names)):
         return False
     return all(
         isinstance(model.get_submodule(n.removesuffix(".weight")), nn.Linear)
