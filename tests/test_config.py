@@ -212,3 +212,40 @@ def test_the_decoder_recipe_is_the_encoder_recipe_with_a_longer_contrastive_stag
     assert {k for k, v in vars(llm.train).items() if vars(encoder.train)[k] != v} == {
         "contrastive_steps"
     }
+
+
+@pytest.mark.parametrize("task", ["banking77", "clinc150", "icd10", "local"])
+def test_the_meta_lora_recipe_sets_the_algorithm_and_budget_never_the_data(compose_cfg, task):
+    """`+experiment=meta_lora_llm`: first-order MAML of a LoRA initialisation under the
+    verbalizer head, validated from step 0; the task differs from its option only in how many
+    validation episodes it takes."""
+    composed = compose_cfg("+experiment=meta_lora_llm", "backbone=smollm2", f"task={task}")
+    check_config(composed)
+    typed = OmegaConf.to_object(composed)
+    plain = OmegaConf.to_object(compose_cfg("backbone=smollm2", f"task={task}"))
+    assert typed.algo.first_order and typed.algo.head == "verbalizer"
+    assert typed.algo.inner_optimizer == "adam" and typed.backbone.trainable == "none"
+    assert typed.train.val_at_start and typed.train.steps % typed.train.val_interval == 0
+    assert {k for k, v in vars(typed.task).items() if vars(plain.task)[k] != v} == {
+        "val_episodes"
+    }
+
+
+def test_the_meta_lora_recipe_adapts_and_meta_learns_lora_in_the_top_blocks_only(
+    compose_cfg, synthetic_task
+):
+    """On a 2-block Llama with the recipe's 8 blocks lowered to 1: the inner loop adapts
+    exactly the LoRA factors of the last block, and the outer loop trains nothing else."""
+    from metarun.algo.adapted import block_of
+
+    from .conftest import seeded_algorithm
+
+    algo = seeded_algorithm(compose_cfg, synthetic_task, "tiny-llama",
+                            "+experiment=meta_lora_llm", "algo.adapt_layers=1")  # fmt: skip
+    model = algo.encoder.model
+    blocks = block_of(model)
+    names = algo.inner.names
+    assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
+    assert {blocks[n] for n in names} == {max(blocks.values())}
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained == set(names)
