@@ -226,9 +226,7 @@ def test_the_meta_lora_recipe_sets_the_algorithm_and_budget_never_the_data(compo
     assert typed.algo.first_order and typed.algo.head == "verbalizer"
     assert typed.algo.inner_optimizer == "adam" and typed.backbone.trainable == "none"
     assert typed.train.val_at_start and typed.train.steps % typed.train.val_interval == 0
-    assert {k for k, v in vars(typed.task).items() if vars(plain.task)[k] != v} == {
-        "val_episodes"
-    }
+    assert {k for k, v in vars(typed.task).items() if vars(plain.task)[k] != v} == {"val_episodes"}
 
 
 def test_the_meta_lora_recipe_adapts_and_meta_learns_lora_in_the_top_blocks_only(
