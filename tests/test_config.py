@@ -12,8 +12,12 @@ from omegaconf import OmegaConf
 
 from metarun import config as schema
 from metarun.algo import algorithm_class, algorithm_config
+from metarun.algo.adapted import block_of
+from metarun.algo.batched import is_factor
 from metarun.checks import check_config
 from metarun.errors import MetarunError
+
+from .conftest import seeded_algorithm
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # conf/hydra/ holds options of Hydra's own groups (job logging), not metarun's
@@ -234,16 +238,12 @@ def test_the_meta_lora_recipe_adapts_and_meta_learns_lora_in_the_top_blocks_only
 ):
     """On a 2-block Llama with the recipe's 8 blocks lowered to 1: the inner loop adapts
     exactly the LoRA factors of the last block, and the outer loop trains nothing else."""
-    from metarun.algo.adapted import block_of
-
-    from .conftest import seeded_algorithm
-
     algo = seeded_algorithm(compose_cfg, synthetic_task, "tiny-llama",
                             "+experiment=meta_lora_llm", "algo.adapt_layers=1")  # fmt: skip
     model = algo.encoder.model
     blocks = block_of(model)
     names = algo.inner.names
-    assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
+    assert names and all(map(is_factor, names))
     assert {blocks[n] for n in names} == {max(blocks.values())}
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained == set(names)

@@ -32,20 +32,23 @@ from metarun.errors import MetarunError
 LORA_DIM = {"lora_A": 0, "lora_B": 1}  # the rank dimension of each factor's weight
 
 
-def _factor_dims(name: str) -> list[int]:
-    return [dim for key, dim in LORA_DIM.items() if f".{key}." in name]
+def _rank_dim(name: str) -> int | None:
+    """The rank dimension of LoRA factor `name`'s weight; None if `name` is not one."""
+    found = [dim for key, dim in LORA_DIM.items() if f".{key}." in name]
+    return found[0] if len(found) == 1 and name.endswith(".weight") else None
 
 
 def is_factor(name: str) -> bool:
     """Whether `name` is the weight of one LoRA factor (A or B)."""
-    return len(_factor_dims(name)) == 1 and name.endswith(".weight")
+    return _rank_dim(name) is not None
 
 
 def rank_dim(name: str) -> int:
     """The dimension of LoRA factor `name`'s weight that holds its rank."""
-    if not is_factor(name):
+    dim = _rank_dim(name)
+    if dim is None:
         raise MetarunError(f"{name}: not a LoRA factor's weight; episodes cannot be batched")
-    return _factor_dims(name)[0]
+    return dim
 
 
 def side_by_side(
