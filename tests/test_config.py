@@ -6,6 +6,7 @@ import inspect
 from pathlib import Path
 
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException
 from hydra.utils import get_class
 from omegaconf import OmegaConf
@@ -16,6 +17,7 @@ from metarun.algo.adapted import block_of
 from metarun.algo.batched import is_factor
 from metarun.checks import check_config
 from metarun.errors import MetarunError
+from metarun.task import fixed_episodes
 
 from .conftest import seeded_algorithm
 
@@ -247,3 +249,41 @@ def test_the_meta_lora_recipe_adapts_and_meta_learns_lora_in_the_top_blocks_only
     assert {blocks[n] for n in names} == {max(blocks.values())}
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained == set(names)
+
+
+@pytest.mark.parametrize("task", ["banking77", "clinc150"])
+def test_the_supervised_lora_control_differs_from_the_meta_lora_recipe_only_in_its_training(
+    compose_cfg, task
+):
+    """`+experiment=supervised_lora_llm` is the control of `meta_lora_llm`: the same data, budget,
+    backbone and evaluation inner loop; only how the LoRA initialisation trains differs."""
+    args = ("backbone=smollm2", f"task={task}")
+    control = OmegaConf.to_object(compose_cfg("+experiment=supervised_lora_llm", *args))
+    meta = OmegaConf.to_object(compose_cfg("+experiment=meta_lora_llm", *args))
+    check_config(compose_cfg("+experiment=supervised_lora_llm", *args))
+    assert (control.task, control.train, control.backbone) == (meta.task, meta.train, meta.backbone)
+    c, m = control.algo, meta.algo
+    assert (c.head, c.adapt_layers, c.inner_optimizer, c.lora_r, c.lora_alpha) == (
+        m.head, m.adapt_layers, m.inner_optimizer, m.lora_r, m.lora_alpha)  # fmt: skip
+    assert (c.eval_steps, c.eval_lr, c.adapt) == (m.eval_inner_steps, m.inner_lr, "lora")
+
+
+def test_the_supervised_lora_control_trains_what_the_meta_recipe_meta_learns_and_adapts_alike(
+    compose_cfg, synthetic_task
+):
+    """On a 2-block Llama (8 blocks lowered to 1), from the same seeded weights: the control
+    trains exactly the LoRA factors the meta-learning recipe meta-learns, and both adapt a test
+    episode to the same query scores (so at step 0 they validate alike, as they did on data)."""
+    low = "algo.adapt_layers=1"
+    control = seeded_algorithm(compose_cfg, synthetic_task, "tiny-llama",
+                               "+experiment=supervised_lora_llm", low)  # fmt: skip
+    meta = seeded_algorithm(compose_cfg, synthetic_task, "tiny-llama",
+                            "+experiment=meta_lora_llm", low)  # fmt: skip
+    trained = {n for n, p in control.encoder.model.named_parameters() if p.requires_grad}
+    assert trained == set(meta.inner.names) == set(control.inner.names)
+    (ep,) = fixed_episodes(synthetic_task.splits["test"], 3, 2, 3, 1, 0, "test")
+    scores = [a.eval().adapt(ep.support, ep.way)(ep.query) for a in (control, meta)]
+    torch.testing.assert_close(scores[0], scores[1])
+    loss, _ = control.train().meta_loss([ep])
+    loss.backward()
+    assert all(control.encoder.model.get_parameter(n).grad is not None for n in trained)
