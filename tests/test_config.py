@@ -287,3 +287,17 @@ def test_the_supervised_lora_control_trains_what_the_meta_recipe_meta_learns_and
     loss, _ = control.train().meta_loss([ep])
     loss.backward()
     assert all(control.encoder.model.get_parameter(n).grad is not None for n in trained)
+
+
+@pytest.mark.parametrize("task", ["banking77", "clinc150", "icd10", "local"])
+def test_the_metaicl_recipe_sets_the_algorithm_and_budget_never_the_data(compose_cfg, task):
+    """`+experiment=metaicl_llm`: MetaICL trains the whole decoder on prompts for a budget
+    validated from step 0 (in-context learning untrained competes); the data is the task's own."""
+    composed = compose_cfg("+experiment=metaicl_llm", "backbone=smollm2", f"task={task}")
+    check_config(composed)
+    typed = OmegaConf.to_object(composed)
+    plain = OmegaConf.to_object(compose_cfg("backbone=smollm2", f"task={task}", "algo=metaicl"))
+    assert typed.algo == plain.algo and typed.algo.train_lm and typed.algo.demonstrations
+    assert typed.backbone.trainable == "all" and typed.train.lr == plain.train.lr
+    assert typed.train.val_at_start and typed.train.steps % typed.train.val_interval == 0
+    assert {k for k, v in vars(typed.task).items() if vars(plain.task)[k] != v} == {"val_episodes"}
