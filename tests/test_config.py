@@ -37,6 +37,11 @@ SCHEMAS = {"backbone": schema.BackboneConfig, "task": schema.TaskConfig,
            "hardware": schema.HardwareConfig, "logger": schema.LoggerConfig}  # fmt: skip
 
 
+def changed(config: object, reference: object) -> set[str]:
+    """The keys of a config section (a schema dataclass) whose values differ from reference's."""
+    return {k for k, v in vars(config).items() if vars(reference)[k] != v}
+
+
 def test_groups_present():
     assert GROUPS == ["algo", "backbone", "experiment", "hardware", "logger", "search", "task"]
     assert len(OPTIONS) >= 14
@@ -215,9 +220,7 @@ def test_the_decoder_recipe_is_the_encoder_recipe_with_a_longer_contrastive_stag
     assert llm.algo == encoder.algo and llm.task == encoder.task
     assert llm.train.contrastive_steps == 4 * encoder.train.contrastive_steps
     assert llm.train.val_at_start and llm.train.val_interval == encoder.train.val_interval
-    assert {k for k, v in vars(llm.train).items() if vars(encoder.train)[k] != v} == {
-        "contrastive_steps"
-    }
+    assert changed(llm.train, encoder.train) == {"contrastive_steps"}
 
 
 @pytest.mark.parametrize("task", ["banking77", "clinc150", "icd10", "local"])
@@ -232,7 +235,7 @@ def test_the_meta_lora_recipe_sets_the_algorithm_and_budget_never_the_data(compo
     assert typed.algo.first_order and typed.algo.head == "verbalizer"
     assert typed.algo.inner_optimizer == "adam" and typed.backbone.trainable == "none"
     assert typed.train.val_at_start and typed.train.steps % typed.train.val_interval == 0
-    assert {k for k, v in vars(typed.task).items() if vars(plain.task)[k] != v} == {"val_episodes"}
+    assert changed(typed.task, plain.task) == {"val_episodes"}
 
 
 def test_the_meta_lora_recipe_adapts_and_meta_learns_lora_in_the_top_blocks_only(
@@ -258,9 +261,10 @@ def test_the_supervised_lora_control_differs_from_the_meta_lora_recipe_only_in_i
     """`+experiment=supervised_lora_llm` is the control of `meta_lora_llm`: the same data, budget,
     backbone and evaluation inner loop; only how the LoRA initialisation trains differs."""
     args = ("backbone=smollm2", f"task={task}")
-    control = OmegaConf.to_object(compose_cfg("+experiment=supervised_lora_llm", *args))
+    composed = compose_cfg("+experiment=supervised_lora_llm", *args)
+    check_config(composed)
+    control = OmegaConf.to_object(composed)
     meta = OmegaConf.to_object(compose_cfg("+experiment=meta_lora_llm", *args))
-    check_config(compose_cfg("+experiment=supervised_lora_llm", *args))
     assert (control.task, control.train, control.backbone) == (meta.task, meta.train, meta.backbone)
     c, m = control.algo, meta.algo
     assert (c.head, c.adapt_layers, c.inner_optimizer, c.lora_r, c.lora_alpha) == (
@@ -300,4 +304,4 @@ def test_the_metaicl_recipe_sets_the_algorithm_and_budget_never_the_data(compose
     assert typed.algo == plain.algo and typed.algo.train_lm and typed.algo.demonstrations
     assert typed.backbone.trainable == "all" and typed.train.lr == plain.train.lr
     assert typed.train.val_at_start and typed.train.steps % typed.train.val_interval == 0
-    assert {k for k, v in vars(typed.task).items() if vars(plain.task)[k] != v} == {"val_episodes"}
+    assert changed(typed.task, plain.task) == {"val_episodes"}
