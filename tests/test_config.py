@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from pathlib import Path
 
@@ -305,3 +306,39 @@ def test_the_metaicl_recipe_sets_the_algorithm_and_budget_never_the_data(compose
     assert typed.backbone.trainable == "all" and typed.train.lr == plain.train.lr
     assert typed.train.val_at_start and typed.train.steps % typed.train.val_interval == 0
     assert changed(typed.task, plain.task) == {"val_episodes"}
+
+
+@pytest.mark.parametrize("task", ["banking77", "clinc150"])
+def test_metaicls_control_differs_from_the_metaicl_recipe_only_in_reading_no_demonstrations(
+    compose_cfg, task
+):
+    """`+experiment=multitask_prompt_llm` is the control of `metaicl_llm` (multi-task 0-shot):
+    the same data, budget, rate, validation and loss; the prompts hold no demonstrations."""
+    args = ("backbone=smollm2", f"task={task}")
+    composed = compose_cfg("+experiment=multitask_prompt_llm", *args)
+    check_config(composed)
+    control = OmegaConf.to_object(composed)
+    metaicl = OmegaConf.to_object(compose_cfg("+experiment=metaicl_llm", *args))
+    assert (control.task, control.train, control.backbone) == (
+        metaicl.task, metaicl.train, metaicl.backbone)  # fmt: skip
+    assert changed(control.algo, metaicl.algo) == {"demonstrations"}
+    assert control.algo.train_lm and not control.algo.demonstrations
+
+
+def test_metaicls_control_trains_on_prompts_whose_loss_ignores_the_support_texts(
+    compose_cfg, synthetic_task
+):
+    """On a tiny Llama from the same weights: pairing the support texts with other labels moves
+    MetaICL's training loss (it reads the demonstrations) and leaves the control's unchanged
+    (it reads only the instruction naming the labels, and the query)."""
+    (ep,) = fixed_episodes(synthetic_task.splits["train"], 3, 2, 3, 1, 0, "train")
+    shuffled = dataclasses.replace(ep, support=dataclasses.replace(
+        ep.support, ids=ep.support.ids.roll(1)))  # fmt: skip
+    losses = {}
+    for recipe in ("metaicl_llm", "multitask_prompt_llm"):
+        algo = seeded_algorithm(compose_cfg, synthetic_task, "tiny-llama", f"+experiment={recipe}")
+        with torch.no_grad():
+            losses[recipe] = [float(algo.eval().meta_loss([e])[0]) for e in (ep, shuffled)]
+    assert losses["multitask_prompt_llm"][0] == losses["multitask_prompt_llm"][1]
+    assert abs(losses["metaicl_llm"][0] - losses["metaicl_llm"][1]) > 1e-4
+    assert losses["metaicl_llm"][0] != losses["multitask_prompt_llm"][0]
