@@ -55,9 +55,9 @@ LIMITS: dict[str, Limit | list[Limit]] = {
     "hardware.threads": (0, AT_LEAST),
     "hardware.episode_batch": (1, AT_LEAST),
     "algo.inner_steps": (1, AT_LEAST),  # zero steps is no adaptation: use algo=protonet/frozen
-    "algo.eval_inner_steps": (1, AT_LEAST),
+    "algo.eval_inner_steps": (0, AT_LEAST),  # 0: the verbalizer head only (check_head)
     "algo.inner_lr": (0, ABOVE),
-    "algo.eval_steps": (1, AT_LEAST),
+    "algo.eval_steps": (0, AT_LEAST),
     "algo.eval_lr": (0, ABOVE),
     "algo.head_lr": (0, ABOVE),
     "algo.top_k": (1, AT_LEAST),
@@ -164,12 +164,20 @@ def check_prompt(cfg: DictConfig) -> None:
 
 def check_head(cfg: DictConfig) -> None:
     """algo.head names a registered head (metarun/algo/heads: a new head adds its name there,
-    so the schema does not list them)."""
+    so the schema does not list them). Zero evaluation steps are no adaptation: meaningful for
+    the verbalizer (what trained weights score before any support set), not a fresh head."""
     head = _value(cfg, "algo.head")
     if head is not None:
         from metarun.algo.heads import head_class
 
         head_class(head)
+    for key in ("algo.eval_steps", "algo.eval_inner_steps"):
+        if _value(cfg, key) == 0 and head != "verbalizer":
+            raise MetarunError(
+                f"{key}=0 leaves each episode's head as it starts, which knows none of the "
+                "episode's classes; zero steps suits only algo.head=verbalizer (the weights read "
+                "as a prompt); use 1 or more, or algo=protonet/frozen for no adaptation"
+            )
 
 
 def _value(cfg: DictConfig, key: str) -> Any:

@@ -106,6 +106,14 @@ def test_keys_added_with_plus_and_values_out_of_range_are_refused(compose_cfg):
             continue
         with pytest.raises(MetarunError, match=f"it must be {words}"):
             check_config(compose_cfg(override))
+    # zero evaluation steps: the verbalizer's weights read as a prompt; a fresh head refuses
+    for algo, key in [
+        ("algo=finetune", "algo.eval_steps"),
+        ("algo=fomaml", "algo.eval_inner_steps"),
+    ]:
+        check_config(compose_cfg("backbone=smollm2", algo, "algo.head=verbalizer", f"{key}=0"))
+        with pytest.raises(MetarunError, match=rf"{key}=0 leaves each episode's head"):
+            check_config(compose_cfg(algo, f"{key}=0"))
     # val_episodes matters only when validation runs
     check_config(compose_cfg("task.val_episodes=0", "train.steps=0"))
     with pytest.raises(MetarunError, match=r"task\.val_episodes=0"):
