@@ -10,7 +10,12 @@ with the first one.
         --episodes 50 --out benchmarks/validate-steps.json
 
 `--set key=a,b` may repeat: every combination runs. Anything after `--` is an override for every
-setting (e.g. `-- hardware.threads=1`).
+setting (e.g. `-- hardware.threads=1`). `--reference "OVERRIDES"` first evaluates an untrained
+model on the same episodes (the run's task, backbone and hardware, these overrides, no weights
+of the run): what the trained settings are paired with, accuracy and speed, in one process.
+
+    python scripts/validate_run.py outputs/<lora run> --set algo.eval_steps=10,1 \
+        --reference "algo=maml algo.head=verbalizer hardware.precision=fp32"
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -42,6 +48,8 @@ from metarun.report.stats import bootstrap_interval, wilcoxon_p  # noqa: E402
 from metarun.task import check_feasible, fixed_episodes, load_task  # noqa: E402
 from metarun.train.evaluate import evaluate  # noqa: E402
 
+# What an untrained reference keeps of the run's command: the data, the model, the machine
+SHARED = ("task", "backbone", "hardware", "seed")
 # What the run's own command set that must not carry over: its folder, its source weights, its
 # training (the weights come from the run itself, and nothing trains here).
 DROPPED = ("run_dir", "init_from", "train.", "+train.", "run_dir_mode")
@@ -69,10 +77,23 @@ def settings(sets: list[str]) -> list[list[str]]:
     return [list(combo) for combo in itertools.product(*axes)] if axes else [[]]
 
 
+def reference_overrides(run: Path, reference: str) -> list[str]:
+    """The run's data, model and machine with `reference`'s overrides, none of its weights."""
+    shared = [o for o in run_overrides(run) if o.lstrip("+").split(".", 1)[0].split("=")[0]
+              in SHARED]  # fmt: skip
+    return [*shared, *shlex.split(reference), "train.steps=0", "train.contrastive_steps=0"]
+
+
 def validate(run: Path, setting: list[str], extra: list[str], episodes: int) -> dict[str, Any]:
     """One setting: the run's best weights on the first `episodes` of its validation episodes."""
     overrides = [*run_overrides(run), *extra, *setting, f"init_from={run}", "train.steps=0",
                  "train.contrastive_steps=0"]  # fmt: skip
+    return evaluate_validation(overrides, setting, episodes)
+
+
+def evaluate_validation(overrides: list[str], setting: list[str], episodes: int) -> dict[str, Any]:
+    """Compose `overrides` as `metarun` would, build the model (with init_from's weights when
+    given) and evaluate the first `episodes` fixed validation episodes."""
     cfg = compose_config(overrides)
     check_config(cfg)
     typed = OmegaConf.to_object(cfg)
@@ -106,19 +127,17 @@ def paired(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
 
 def render(payload: dict[str, Any]) -> str:
     rows = payload["rows"]
-    lines = [f"{payload['run']}: {payload['episodes']} validation episodes, {payload['cpu']}",
-             "", "| setting | accuracy ± 95% CI | vs the first [95% bootstrap] | s/episode |",
-             "|---|---:|---:|---:|"]  # fmt: skip
+    lines = [f"{payload['run']}: {payload['episodes']} validation episodes, {payload['cpu']}", "",
+             "| setting | precision | accuracy ± 95% CI | vs the first [95% bootstrap] | "
+             "s/episode | speed vs the first |", "|---|---|---:|---:|---:|---:|"]  # fmt: skip
     for row in rows:
         name = " ".join(row["setting"]) or "as trained"
         d = row["paired"]
-        vs = (
-            "reference"
-            if row is rows[0]
-            else f"{d['diff']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
-        )
-        lines.append(f"| {name} | {row['acc']:.2f} ± {row['ci95']:.2f} | {vs} | "
-                     f"{row['seconds_per_episode']:.2f} |")  # fmt: skip
+        vs = f"{d['diff']:+.2f} [{d['low']:+.2f}, {d['high']:+.2f}]"
+        speed = rows[0]["seconds_per_episode"] / row["seconds_per_episode"]
+        lines.append(f"| {name} | {row['precision']} | {row['acc']:.2f} ± {row['ci95']:.2f} | "
+                     f"{'reference' if row is rows[0] else vs} | "
+                     f"{row['seconds_per_episode']:.2f} | {speed:.2f}x |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -133,6 +152,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     parser.add_argument("--set", action="append", default=[], help="key=a,b: settings to try")
     parser.add_argument("--episodes", type=int, default=0, help="0: the run's task.val_episodes")
     parser.add_argument("--out", type=Path, help="a JSON results file")
+    parser.add_argument("--reference", help="overrides of an untrained model evaluated first")
     return parser.parse_args(argv), extra
 
 
@@ -142,11 +162,16 @@ def main(argv: list[str] | None = None) -> None:
     run_overrides(run)  # a run folder with weights, or one clear error before anything loads
     episodes = args.episodes or int(OmegaConf.load(run / "config.yaml").task.val_episodes)
     rows = []
+    if args.reference is not None:
+        overrides = [*reference_overrides(run, args.reference), *extra]
+        rows.append(evaluate_validation(overrides, ["untrained:", args.reference], episodes))
+        rows[-1]["paired"] = paired(rows[-1], rows[0])
     for setting in settings(args.set):
         rows.append(validate(run, setting, extra, episodes))
         rows[-1]["paired"] = paired(rows[-1], rows[0])
         print(f"[validate] {' '.join(setting) or 'as trained'}: {rows[-1]['acc']:.2f}", flush=True)
     payload = {"run": str(run), "episodes": episodes, "extra": extra, "cpu": cpu_name(),
+               "reference": args.reference,
                "torch": torch.__version__, "rows": rows}  # fmt: skip
     if args.out:
         args.out.write_text(json.dumps(payload, indent=1))

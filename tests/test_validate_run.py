@@ -70,3 +70,40 @@ def test_it_refuses_a_folder_without_weights_and_a_setting_without_values(traine
         script.main([str(tmp_path)])
     with pytest.raises(MetarunError, match="write key=value"):
         script.settings(["algo.metric"])
+
+
+def test_a_reference_keeps_the_runs_data_model_and_machine_and_none_of_its_weights(
+    trained, tmp_path, monkeypatch
+):
+    """`--reference`: an untrained model on the run's task, backbone and hardware, evaluated
+    first on the same validation episodes; the run's settings pair with it."""
+    script = load_script()
+    fake = tmp_path / "run"
+    (fake / ".hydra").mkdir(parents=True)
+    (fake / "checkpoint.pt").write_bytes(b"")
+    (fake / ".hydra" / "overrides.yaml").write_text(
+        "- backbone=smollm2\n- task=banking77\n- task.split=02\n- hardware.threads=1\n"
+        "- algo=fomaml\n- algo.inner_lr=0.003\n- train.steps=100\n- +experiment=meta_lora_llm\n"
+        "- seed=3\n- run_dir=/x\n"
+    )
+    kept = script.reference_overrides(fake, "algo=maml algo.head=verbalizer")
+    assert kept == ["backbone=smollm2", "task=banking77", "task.split=02", "hardware.threads=1",
+                    "seed=3", "algo=maml", "algo.head=verbalizer", "train.steps=0",
+                    "train.contrastive_steps=0"]  # fmt: skip
+    sources = []
+    build = script.build_model
+
+    def spy(typed, *rest):
+        sources.append(typed.init_from)
+        return build(typed, *rest)
+
+    monkeypatch.setattr(script, "build_model", spy)
+    out = tmp_path / "validate.json"
+    script.main([str(trained), "--reference", "algo=protonet", "--set", "algo.metric=cosine",
+                 "--out", str(out)])  # fmt: skip
+    rows = json.loads(out.read_text())["rows"]
+    assert sources == [None, str(trained.resolve())]
+    assert rows[0]["setting"] == ["untrained:", "algo=protonet"]
+    assert rows[1]["paired"]["diff"] == pytest.approx(
+        100 * (sum(rows[1]["accuracies"]) - sum(rows[0]["accuracies"])) / len(rows[0]["accuracies"])
+    )
