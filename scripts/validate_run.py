@@ -45,7 +45,7 @@ from metarun.errors import MetarunError  # noqa: E402
 from metarun.experiment import build_model, set_precision  # noqa: E402
 from metarun.hardware import seed_everything, setup_hardware  # noqa: E402
 from metarun.report.stats import bootstrap_interval, wilcoxon_p  # noqa: E402
-from metarun.task import check_feasible, fixed_episodes, load_task  # noqa: E402
+from metarun.task import TaskData, check_feasible, fixed_episodes, load_task  # noqa: E402
 from metarun.train.evaluate import evaluate  # noqa: E402
 
 # What an untrained reference keeps of the run's command: the data, the model, the machine
@@ -53,6 +53,8 @@ SHARED = ("task", "backbone", "hardware", "seed")
 # What the run's own command set that must not carry over: its folder, its source weights, its
 # training (the weights come from the run itself, and nothing trains here).
 DROPPED = ("run_dir", "init_from", "train.", "+train.", "run_dir_mode")
+# Every evaluation here trains nothing
+NO_TRAINING = ["train.steps=0", "train.contrastive_steps=0"]
 
 
 def run_overrides(run: Path) -> list[str]:
@@ -77,32 +79,41 @@ def settings(sets: list[str]) -> list[list[str]]:
     return [list(combo) for combo in itertools.product(*axes)] if axes else [[]]
 
 
-def reference_overrides(run: Path, reference: str) -> list[str]:
-    """The run's data, model and machine with `reference`'s overrides, none of its weights."""
-    shared = [o for o in run_overrides(run) if o.lstrip("+").split(".", 1)[0].split("=")[0]
-              in SHARED]  # fmt: skip
-    return [*shared, *shlex.split(reference), "train.steps=0", "train.contrastive_steps=0"]
+def reference_overrides(own: list[str], reference: str) -> list[str]:
+    """The run's data, model and machine (of its overrides, `own`) with `reference`'s
+    overrides, none of its weights."""
+    shared = [o for o in own if o.lstrip("+").split(".", 1)[0].split("=")[0] in SHARED]
+    return [*shared, *shlex.split(reference), *NO_TRAINING]
 
 
-def validate(run: Path, setting: list[str], extra: list[str], episodes: int) -> dict[str, Any]:
-    """One setting: the run's best weights on the first `episodes` of its validation episodes."""
-    overrides = [*run_overrides(run), *extra, *setting, f"init_from={run}", "train.steps=0",
-                 "train.contrastive_steps=0"]  # fmt: skip
-    return evaluate_validation(overrides, setting, episodes)
+class Tasks:
+    """Each distinct task config read once: settings usually share the run's task."""
+
+    def __init__(self) -> None:
+        self.loaded: dict[str, TaskData] = {}
+
+    def get(self, resolved: dict[str, Any], typed: Any) -> TaskData:
+        key = json.dumps(resolved["task"], sort_keys=True, default=str)
+        if key not in self.loaded:
+            self.loaded[key] = load_task(typed.task)
+            check_feasible(self.loaded[key], typed.task, ("valid",))
+        return self.loaded[key]
 
 
-def evaluate_validation(overrides: list[str], setting: list[str], episodes: int) -> dict[str, Any]:
+def evaluate_validation(
+    overrides: list[str], setting: list[str], episodes: int, tasks: Tasks
+) -> dict[str, Any]:
     """Compose `overrides` as `metarun` would, build the model (with init_from's weights when
     given) and evaluate the first `episodes` fixed validation episodes."""
     cfg = compose_config(overrides)
     check_config(cfg)
     typed = OmegaConf.to_object(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
     hw = setup_hardware(typed.hardware)
     seed_everything(typed.seed)
-    data = load_task(typed.task)
-    check_feasible(data, typed.task, ("valid",))
+    data = tasks.get(resolved, typed)
     summary: dict[str, Any] = {}
-    algo = build_model(typed, OmegaConf.to_container(cfg, resolve=True), data, summary)
+    algo = build_model(typed, resolved, data, summary)
     algo = algo.to(hw.device)
     set_precision(hw, algo, summary["backbone_params"])
     task = typed.task
@@ -159,17 +170,19 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 def main(argv: list[str] | None = None) -> None:
     args, extra = parse_args(argv)
     run = args.run.resolve()
-    run_overrides(run)  # a run folder with weights, or one clear error before anything loads
+    own = run_overrides(run)  # a run folder with weights, or one clear error before anything loads
     episodes = args.episodes or int(OmegaConf.load(run / "config.yaml").task.val_episodes)
-    rows = []
+    tasks, rows = Tasks(), []
     if args.reference is not None:
-        overrides = [*reference_overrides(run, args.reference), *extra]
-        rows.append(evaluate_validation(overrides, ["untrained:", args.reference], episodes))
-        rows[-1]["paired"] = paired(rows[-1], rows[0])
+        overrides = [*reference_overrides(own, args.reference), *extra]
+        rows.append(evaluate_validation(overrides, ["untrained:", args.reference], episodes,
+                                        tasks))  # fmt: skip
     for setting in settings(args.set):
-        rows.append(validate(run, setting, extra, episodes))
-        rows[-1]["paired"] = paired(rows[-1], rows[0])
+        overrides = [*own, *extra, *setting, f"init_from={run}", *NO_TRAINING]
+        rows.append(evaluate_validation(overrides, setting, episodes, tasks))
         print(f"[validate] {' '.join(setting) or 'as trained'}: {rows[-1]['acc']:.2f}", flush=True)
+    for row in rows:
+        row["paired"] = paired(row, rows[0])
     payload = {"run": str(run), "episodes": episodes, "extra": extra, "cpu": cpu_name(),
                "reference": args.reference,
                "torch": torch.__version__, "rows": rows}  # fmt: skip

@@ -86,7 +86,7 @@ def test_a_reference_keeps_the_runs_data_model_and_machine_and_none_of_its_weigh
         "- algo=fomaml\n- algo.inner_lr=0.003\n- train.steps=100\n- +experiment=meta_lora_llm\n"
         "- seed=3\n- run_dir=/x\n"
     )
-    kept = script.reference_overrides(fake, "algo=maml algo.head=verbalizer")
+    kept = script.reference_overrides(script.run_overrides(fake), "algo=maml algo.head=verbalizer")
     assert kept == ["backbone=smollm2", "task=banking77", "task.split=02", "hardware.threads=1",
                     "seed=3", "algo=maml", "algo.head=verbalizer", "train.steps=0",
                     "train.contrastive_steps=0"]  # fmt: skip
