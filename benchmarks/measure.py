@@ -306,10 +306,16 @@ def icl_cell(overrides: list[str], episodes: int, unshared: int) -> dict[str, An
     return out
 
 
-def adapt_cell(overrides: list[str], episodes: int, split: str) -> dict[str, Any]:
+def adapt_cell(
+    overrides: list[str], episodes: int, split: str, cast_output: bool = False
+) -> dict[str, Any]:
     """Adapted episodes per second (each: the inner loop on its support set, then its queries)
-    and their accuracies, on the fixed episodes of `split` (valid: choices are made there)."""
+    and their accuracies, on the fixed episodes of `split` (valid: choices are made there).
+    `cast_output`: a decoder's output layer cast at every call under bf16 (no stored copy,
+    backbone/lowp.py), the path before that copy."""
     hw, encoder, algo, fixed = build_for_eval(overrides, episodes, split)
+    if cast_output:
+        encoder.output_low = None
     device, autocast = hw.device, hw.autocast
     reset_peak(device)
     sync(device)

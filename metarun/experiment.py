@@ -18,7 +18,7 @@ from metarun.algo import Algorithm, build_algorithm
 from metarun.algo.adapted import is_lora
 from metarun.algo.inner import adapted_encoder_weights
 from metarun.backbone import Encoder, load_backbone
-from metarun.backbone.lowp import store_frozen_in_bf16
+from metarun.backbone.lowp import output_layer_in_bf16, store_frozen_in_bf16
 from metarun.config import MetarunConfig, TrainConfig
 from metarun.distributed import Dist, shutdown
 from metarun.errors import MetarunError, RunInterrupted, os_error_in
@@ -311,6 +311,7 @@ def set_precision(hw: Hardware, algo: Algorithm, params: int) -> dict[str, Any]:
     stored = 0
     if hw.precision == "bf16":
         stored = store_frozen_in_bf16(algo.encoder.model, adapted)
+        stored += output_layer_in_bf16(algo.encoder, adapted)
     return hw.facts() | {"frozen_weights_in_bf16": stored, "warning": warning}
 
 

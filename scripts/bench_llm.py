@@ -106,6 +106,8 @@ def adapt_variants(args: argparse.Namespace) -> dict[str, list[str]]:
         variants[f"all-batch{n}"] = [f"hardware.episode_batch={n}"]
     if args.bf16_cells:
         variants = bf16_twins(variants)
+    if args.cast_output_cells:  # each again with the output layer cast at every call
+        variants |= {f"{label}-castout": extra for label, extra in variants.items()}
     if args.adapt_layers and not args.only_adapt:
         k = min(args.adapt_layers)
         variants[f"top{k}-uncached"] = [f"algo.adapt_layers={k}", "algo.cache_frozen_layers=false"]
@@ -119,7 +121,8 @@ def measure_adapt(args: argparse.Namespace, base: list[str]) -> dict[str, Any]:
     cells = {}
     for label, extra in adapt_variants(args).items():
         cells[label] = run_cell("adapt", {"overrides": common + extra,
-                                          "episodes": args.adapt_episodes, "split": "valid"},
+                                          "episodes": args.adapt_episodes, "split": "valid",
+                                          "cast_output": label.endswith("-castout")},
                                 args.threads)  # fmt: skip
         log(f"{args.backbone}/adapt {label}: {cells[label]}")
     return cells
@@ -166,8 +169,8 @@ def render_icl(icl: dict[str, Any]) -> list[str]:
 
 
 def adapt_name(label: str) -> str:
-    """'all', 'top2', 'top2-uncached', 'all-bf16', 'top2-bf16', 'all-batch4', 'top4-lr0.3' in
-    words."""
+    """'all', 'top2', 'top2-uncached', 'all-bf16', 'top2-bf16', 'all-batch4', 'top4-lr0.3',
+    'top8-castout' in words."""
     head, *rest = label.split("-")
     if head == "all":
         name = "LoRA in every block (the path before issue 25)"
@@ -179,7 +182,8 @@ def adapt_name(label: str) -> str:
             name = f"{name}, {part[5:]} episodes side by side"
         if part.startswith("lr"):
             name = f"{name}, inner rate {part[2:]}"
-    return f"{name}, bf16" if "bf16" in rest else name
+    name = f"{name}, bf16" if "bf16" in rest else name
+    return f"{name}, output layer cast at every call" if "castout" in rest else name
 
 
 def render_adapt(cells: dict[str, Any]) -> list[str]:
@@ -254,6 +258,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--bf16-cells",
         action="store_true",
         help="each train and adaptation cell again in bf16 (paired: the same episodes)",
+    )
+    p.add_argument(
+        "--cast-output-cells",
+        action="store_true",
+        help="each adaptation cell again with the decoder's output layer cast to bf16 at every "
+        "call instead of read from its stored copy (the path before it)",
     )
     p.add_argument("--threads", type=int, default=0)
     add_budget(p)

@@ -264,3 +264,26 @@ def test_llm_bench_rate_cells_give_each_top_k_cell_its_rates():
     )
     assert "in-context" not in text and "LoRA MAML" not in text  # --only-adapt ran neither
     assert "| LoRA in every block (the path before issue 25) | 1.000 | 1.0x |" in text
+
+
+def test_llm_bench_cast_output_cells_time_the_path_before_the_output_copy(tmp_path):
+    """--cast-output-cells: each adaptation cell again with the decoder's output layer cast at
+    every call (no stored bf16 copy); both paths give the same accuracies."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import bench_llm
+
+    from benchmarks.measure import adapt_cell
+
+    args = bench_llm.parse_args(["--adapt-layers", "1", "--only-adapt", "--cast-output-cells"])
+    variants = bench_llm.adapt_variants(args)
+    assert list(variants) == ["all", "top1", "all-castout", "top1-castout"]
+    assert variants["top1-castout"] == variants["top1"]
+    assert bench_llm.adapt_name("top8-bf16-castout") == "LoRA in the last 8 blocks, lower " \
+        "blocks once per episode, bf16, output layer cast at every call"  # fmt: skip
+    overrides = ["backbone=tiny-llama", "hardware.precision=bf16", *small_task(tmp_path).split(),
+                 "algo=maml", "algo.head=verbalizer", "algo.adapt=lora",
+                 "backbone.trainable=none", "algo.eval_inner_steps=2"]  # fmt: skip
+    stored = adapt_cell(overrides, 2, "valid")
+    cast = adapt_cell(overrides, 2, "valid", cast_output=True)
+    assert stored["precision"] == cast["precision"] == "bf16"
+    assert stored["accuracies"] == cast["accuracies"]

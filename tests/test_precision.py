@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from metarun.algo.inner import adapted_encoder_weights
-from metarun.backbone.lowp import store_frozen_in_bf16
+from metarun.backbone.lowp import output_layer_in_bf16, store_frozen_in_bf16
 from metarun.config import HardwareConfig
 from metarun.hardware import BF16_MIN_PARAMS, choose_precision, cpu_bf16_units, setup_hardware
 from metarun.task import fixed_episodes
@@ -50,6 +50,9 @@ def test_frozen_weights_in_bf16_compute_what_autocast_computed(
     stored = make(*overrides, backbone=backbone)
     cast = store_frozen_in_bf16(stored.encoder.model, adapted_encoder_weights(stored))
     assert cast > 0
+    # a decoder's frozen (tied) output layer gets its bf16 copy, read under autocast
+    copied = output_layer_in_bf16(stored.encoder, adapted_encoder_weights(stored))
+    assert copied == (backbone == "tiny-llama")
     reference = evaluate(plain, episodes, bf16_autocast)
     result = evaluate(stored, episodes, bf16_autocast)
     assert result.accuracies.tolist() == reference.accuracies.tolist()
@@ -76,6 +79,31 @@ def test_only_frozen_unadapted_block_weights_are_stored_in_bf16(make):
     assert all(params[n].dtype == torch.float32 for n in adapted)
     trained = make("algo=maml", "algo.adapt=head")  # backbone.trainable=all: nothing frozen
     assert store_frozen_in_bf16(trained.encoder.model, set()) == 0
+    assert output_layer_in_bf16(trained.encoder, set()) == 0
+
+
+def test_the_output_layer_copy_is_read_only_under_bf16_autocast_and_never_when_adapted(make):
+    """The bf16 copy stands in for the cast autocast would make; in fp32, or when the output
+    weight is adapted (passed in `params`), the float32 weight is read as before."""
+    algo = make(*LORA_VERBALIZER)
+    enc = algo.encoder
+    assert output_layer_in_bf16(enc, {enc.output_name}) == 0  # an adapted output layer
+    assert output_layer_in_bf16(enc, set()) == 1
+    hidden = torch.randn(4, enc.model.config.hidden_size)
+    weight = enc.model.get_output_embeddings().weight
+    with torch.no_grad():
+        assert enc.lm_logits(hidden).dtype == torch.float32  # no autocast: the float32 weight
+        assert torch.equal(enc.lm_logits(hidden), hidden @ weight.T)
+        with bf16_autocast():
+            low = enc.lm_logits(hidden)
+            expected = torch.nn.functional.linear(hidden, weight)  # autocast casts it
+            adapted = enc.lm_logits(hidden, {enc.output_name: 2 * weight})
+            doubled = torch.nn.functional.linear(hidden, 2 * weight)
+    assert low.dtype == torch.bfloat16 and torch.equal(low, expected)
+    assert torch.equal(adapted, doubled)
+    enc.output_low = torch.zeros_like(enc.output_low)  # the copy, not a cast, is what is read
+    with torch.no_grad(), bf16_autocast():
+        assert not enc.lm_logits(hidden).any()
 
 
 @pytest.mark.parametrize(("units", "params", "inner", "used"), [

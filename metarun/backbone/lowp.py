@@ -8,6 +8,11 @@ computes exactly what autocast computed (the same rounding, the same bf16 matmul
 copies. Weights that train (LoRA factors among them), adapt per episode, or are shared with
 another module (a tied input embedding, which runs outside autocast) stay as they are, and
 checkpoints hold only trained weights, so nothing saved changes.
+
+A decoder's output layer is the largest of them (SmolLM2: 49,152 x 576) and is cast at every
+label scoring, 6% of a LoRA-verbalizer episode. It is usually tied to the input embedding, which
+must keep its float32, so a frozen output layer gets a bf16 copy beside it instead, read only
+under bf16 autocast (`Decoder.lm_logits`): vocabulary x hidden x 2 bytes more memory.
 """
 
 from __future__ import annotations
@@ -45,3 +50,16 @@ def shared_parameters(model: nn.Module) -> set[int]:
     """Parameters that more than one module holds (tied weights)."""
     held = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     return {key for key, count in held.items() if count > 1}
+
+
+def output_layer_in_bf16(encoder: object, keep: Collection[str]) -> int:
+    """Gives a decoder (an encoder with `output_name`) a bf16 copy of its output layer's weight
+    when that weight is frozen, float32 and not adapted (`keep`); returns 1 if it did."""
+    name = getattr(encoder, "output_name", None)
+    if name is None or name in keep:
+        return 0
+    weight = encoder.model.get_output_embeddings().weight
+    if weight.requires_grad or weight.dtype != torch.float32:
+        return 0
+    encoder.output_low = weight.detach().to(torch.bfloat16)
+    return 1
