@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from metarun.backbone.bottom import transformer_layers
+from metarun.backbone.encoder import Encoder
 
 
 def store_frozen_in_bf16(model: nn.Module, keep: Collection[str]) -> int:
@@ -52,7 +53,7 @@ def shared_parameters(model: nn.Module) -> set[int]:
     return {key for key, count in held.items() if count > 1}
 
 
-def output_layer_in_bf16(encoder: object, keep: Collection[str]) -> int:
+def output_layer_in_bf16(encoder: Encoder, keep: Collection[str]) -> int:
     """Gives a decoder (an encoder with `output_name`) a bf16 copy of its output layer's weight
     when that weight is frozen, float32 and not adapted (`keep`); returns 1 if it did."""
     name = getattr(encoder, "output_name", None)
