@@ -271,3 +271,23 @@ def test_evaluations_from_trained_runs_of_one_method_are_replicates_of_one_row(t
     (line,) = report.lines
     assert line.row[0] == "protonet, from (protonet, 60 steps, on banking77), no further training"
     assert len(line.runs) == 2
+
+
+def test_runs_reached_through_symbolic_links_count_once_and_a_loop_ends(tmp_path):
+    """A folder of links to chosen runs is reported like the runs themselves; a run reached
+    both directly and through a link is one run, and a link back up the tree is not followed
+    forever."""
+    real = tmp_path / "all"
+    a = fake_run(real, "a", "protonet", "01", episodes(0.8, 20, 0))
+    fake_run(real, "b", "maml", "01", episodes(0.7, 20, 1))
+    picked = tmp_path / "picked"
+    picked.mkdir()
+    (picked / "a").symlink_to(a, target_is_directory=True)
+    (picked / "up").symlink_to(tmp_path, target_is_directory=True)
+    runs, notes = collect([picked])
+    assert sorted(r.folder.name for r in runs) == ["a", "b"] and not notes
+    only_link = tmp_path / "only"
+    only_link.mkdir()
+    (only_link / "a").symlink_to(a, target_is_directory=True)
+    (runs_a,) = collect([only_link])[0]
+    assert runs_a.folder == a.resolve() and runs_a.episodes == pytest.approx(episodes(0.8, 20, 0))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -190,7 +191,7 @@ def collect(folders: list[Path]) -> tuple[list[Run], list[str]]:
     chosen: dict[tuple, tuple[float, Run]] = {}
     notes: list[str] = []
     runs = []
-    for path in sorted({p.resolve() for f in folders for p in Path(f).rglob("summary.json")}):
+    for path in summary_files(folders):
         try:
             run = read_run(path)
         except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as err:
@@ -219,6 +220,24 @@ def collect(folders: list[Path]) -> tuple[list[Run], list[str]]:
             f"counts, these do not: {', '.join(repeats[:3])}{', ...' if len(repeats) > 3 else ''}"
         )
     return [run for _, run in chosen.values()], notes
+
+
+def summary_files(folders: list[Path]) -> list[Path]:
+    """Every summary.json below `folders`, following symbolic links (a folder of links to the
+    runs one wants side by side is a common way to pick them), each real file once. A link
+    back up the tree is not walked twice."""
+    found: set[Path] = set()
+    for folder in folders:
+        seen: set[Path] = set()
+        for root, dirs, files in os.walk(folder, followlinks=True):
+            real = Path(root).resolve()
+            if real in seen:
+                dirs.clear()
+                continue
+            seen.add(real)
+            if "summary.json" in files:
+                found.add(real / "summary.json")
+    return sorted(found)
 
 
 def name_datasets(runs: list[tuple[Path, Run]]) -> list[tuple[Path, Run]]:
