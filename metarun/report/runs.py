@@ -224,11 +224,11 @@ def collect(folders: list[Path]) -> tuple[list[Run], list[str]]:
 
 def summary_files(folders: list[Path]) -> list[Path]:
     """Every summary.json below `folders`, following symbolic links (a folder of links to the
-    runs one wants side by side is a common way to pick them), each real file once. A link
-    back up the tree is not walked twice."""
+    runs one wants side by side is a common way to pick them), each real file once. A real
+    folder is walked once, whether a link leads back up the tree or two arguments overlap."""
     found: set[Path] = set()
+    seen: set[Path] = set()
     for folder in folders:
-        seen: set[Path] = set()
         for root, dirs, files in os.walk(folder, followlinks=True):
             real = Path(root).resolve()
             if real in seen:
