@@ -279,7 +279,7 @@ class ZeroShotConfig:
 class ICLConfig(PromptFields):
     _target_: str = "metarun.algo.icl.InContext"
     demonstrations: bool = True  # false: zero-shot prompting (the instruction and the text only)
-    batch_size: int = 32  # queries that share one copy of the demonstrations in a forward
+    batch_size: int = 32  # at most this many queries share one copy of the demonstrations
     shared_prefix: bool = True  # false: each (query, label) sequence scored alone (a reference)
     train_lm: bool = False  # MetaICL: meta-train the decoder on prompts
     loss: str = choice("lm", "ce")  # lm: NLL of the right label's tokens; ce: all labels

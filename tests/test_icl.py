@@ -8,7 +8,13 @@ import re
 import pytest
 import torch
 
-from metarun.backbone.prompts import PromptFormat, PromptScorer, Tree
+from metarun.backbone.prompts import (
+    PromptFormat,
+    PromptScorer,
+    Tree,
+    score_matrix,
+    stems_per_tree,
+)
 from metarun.errors import MetarunError
 from metarun.task import fixed_episodes
 
@@ -120,6 +126,53 @@ def test_trees_packed_in_rows_score_like_trees_alone(icl):
     model = scorer.encoder.model
     assert abs(float(together[0]) - full_sequence_logprob(model, [5, 6, 7, 8, 9], [11, 12])) < 1e-4
     assert abs(float(together[5]) - full_sequence_logprob(model, [30, 31], [32, 33, 34])) < 1e-4
+
+
+@pytest.mark.parametrize("backbone", DECODERS)
+def test_only_what_a_score_reads_is_computed(icl, backbone):
+    """A leaf's last token takes no slot and the output layer runs once per predicting slot,
+    with every score still that of the whole sequence."""
+    scorer = PromptScorer(icl(backbone=backbone).encoder, "a test")
+    tree = Tree([5, 6, 7], [[8, 9], [10]], [[[11, 12], [13]], [[11, 12, 14], [13]]])
+    assert len(tree) == 3 + (2 + 1 + 0) + (1 + 2 + 0)  # prefix, stems, leaves less their last
+    rows, widths, enc = [], [], scorer.encoder
+    lm_logits, hidden = enc.lm_logits, enc.hidden
+    enc.lm_logits = lambda h, params=None: rows.append(len(h)) or lm_logits(h, params)
+    enc.hidden = lambda inputs, params=None: (
+        widths.append(inputs["input_ids"].shape) or hidden(inputs, params)
+    )
+    with torch.no_grad():
+        sums, counts = scorer.logprobs([tree])
+    assert widths == [(1, len(tree))]
+    # predicting slots: 9 (both leaves' first token), 11 (12), 10 (11 and 13), 11 and 12 (12, 14)
+    assert rows == [5] and counts.tolist() == [2, 1, 3, 1]
+    pairs = [([8, 9], [11, 12]), ([8, 9], [13]), ([10], [11, 12, 14]), ([10], [13])]
+    for score, (stem, leaf) in zip(sums, pairs, strict=True):
+        assert abs(float(score) - full_sequence_logprob(enc.model, [5, 6, 7, *stem], leaf)) < 1e-4
+
+
+def test_stems_share_a_tree_as_their_prefix_pays_for_it():
+    """Short prefixes split many stems into small trees (attention grows with a tree's width
+    squared); long ones (demonstrations) keep them together; never more than asked."""
+    assert stems_per_tree(35, [30] * 25, 32) < 10
+    assert stems_per_tree(2000, [30] * 25, 32) == 25
+    assert 25 / 4 <= stems_per_tree(2000, [30] * 25, 8) <= 8  # as few trees as allowed
+    assert stems_per_tree(0, [30] * 25, 32) == 1
+    assert stems_per_tree(35, [], 32) == 1
+
+
+def test_scores_do_not_depend_on_how_stems_share_trees(icl):
+    scorer = PromptScorer(icl(backbone="tiny-llama").encoder, "a test")
+    stems = [[8 + i, 9] for i in range(12)]
+    leaves = [[11, 12], [13], [14, 15, 16]]
+    with torch.no_grad():
+        one = score_matrix(scorer, [5, 6], stems, leaves, 1, "sum")
+        chosen = score_matrix(scorer, [5, 6], stems, leaves, 32, "sum")
+        mean = score_matrix(scorer, [5, 6], stems, leaves, 32, "mean")
+    assert torch.allclose(one, chosen, atol=1e-5)
+    assert torch.allclose(mean * torch.tensor([2.0, 1.0, 3.0]), chosen, atol=1e-5)
+    expected = full_sequence_logprob(scorer.encoder.model, [5, 6, 19, 9], [14, 15, 16])
+    assert abs(float(chosen[11, 2]) - expected) < 1e-4
 
 
 def test_zero_shot_prompting_reads_no_support_example(icl, episode, synthetic_task):

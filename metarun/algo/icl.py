@@ -22,7 +22,9 @@ from metarun.backbone.prompts import (
     PromptScorer,
     Tree,
     chunks,
+    laid,
     score_matrix,
+    stems_per_tree,
 )
 from metarun.config import ICLConfig
 from metarun.task import Episode, Examples, TaskData
@@ -91,7 +93,9 @@ class InContext(Algorithm):
             names = self.names(ep.support.classes)
             conts = self.scorer.tokenize([self.format.continuation(n) for n in names])
             correct = [[conts[int(lab)]] for lab in ep.query.labels]
-            for part in chunks(list(range(len(stems))), self.batch_size):
+            sizes = [len(s) + laid(c[0]) for s, c in zip(stems, correct, strict=True)]
+            size = stems_per_tree(len(prefix), sizes, self.batch_size)
+            for part in chunks(list(range(len(stems))), size):
                 trees.append(Tree(prefix, [stems[i] for i in part], [correct[i] for i in part]))
         sums, counts = self.scorer.logprobs(trees)
         loss = -sums.sum() / counts.sum()  # mean NLL per label token

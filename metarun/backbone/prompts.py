@@ -9,6 +9,12 @@ continuations). A tree is one stretch of a row; an attention mask lets each toke
 ancestors, and position ids continue along each branch, so every leaf is scored exactly as after
 its own full sequence, with each shared piece computed once. Unlike a key/value cache this is one
 ordinary forward: it takes adapted weights and carries gradients (MetaICL, MAML through LoRA).
+
+Only what a score reads is computed: a leaf's last token is never laid out (it predicts nothing
+scored and no token attends to it), the output layer and its vocabulary-wide log-softmax run
+once per distinct predicting slot (every leaf of a stem shares its first one), and a prompt's
+stems are split into trees of the size that costs least, since dense attention over a row grows
+with the square of its width while each extra tree repeats the prefix.
 """
 
 from __future__ import annotations
@@ -77,8 +83,33 @@ class Tree:
     leaves: list[list[list[int]]]  # leaves[i]: the continuations scored after stem i
 
     def __len__(self) -> int:
-        return len(self.prefix) + sum(len(s) + sum(map(len, ls)) for s, ls in zip(
+        """Slots laid out: every token but each leaf's last."""
+        return len(self.prefix) + sum(len(s) + sum(laid(leaf) for leaf in ls) for s, ls in zip(
             self.stems, self.leaves, strict=True))  # fmt: skip
+
+
+def laid(leaf: list[int]) -> int:
+    """A leaf's slots: its last token is only a target, so it takes none."""
+    return max(len(leaf) - 1, 0)
+
+
+# A row's dense attention costs about what its linear layers do once it is this many tokens
+# wide (SmolLM2 on one CPU thread: 918 tokens, 60 ms of linear layers and 50 ms of attention
+# per block); sets how many stems share a tree (`stems_per_tree`).
+ATTENTION_WIDTH = 1024
+
+
+def stems_per_tree(prefix: int, stems: Sequence[int], most: int) -> int:
+    """How many stems (of `stems` slots each, leaves included) share one copy of a `prefix`
+    slots long, at most `most`: the count whose trees cost least, a tree costing its slots
+    plus its attention, width² / ATTENTION_WIDTH. Long prefixes (demonstrations) favour large
+    trees, short ones (an instruction) small trees."""
+
+    def cost(k: int) -> float:
+        sizes = [prefix + sum(stems[i : i + k]) for i in range(0, len(stems), k)]
+        return sum(n + n * n / ATTENTION_WIDTH for n in sizes)
+
+    return min(range(min(most, len(stems)), 0, -1), key=cost) if stems else 1
 
 
 @dataclass
@@ -127,10 +158,10 @@ def _lay_out(trees: Sequence[Tree], rows: list[list[int]], width: int, pad: int)
                         raise MetarunError("a prompt must have at least one token before a label")
                     prev = before
                     for p, token in enumerate(leaf):
-                        slot = put(token, start + p, stem_id, leaf_id)
                         out.predictor.append(prev), out.target.append(token)
                         out.owner.append(leaf_id)
-                        prev = slot
+                        if p < len(leaf) - 1:  # the last token is only a target
+                            prev = put(token, start + p, stem_id, leaf_id)
                     leaf_id += 1
                 stem_id += 1
         while len(out.tokens) < (r + 1) * width:  # padding sees only itself
@@ -209,10 +240,10 @@ class PromptScorer:
         inputs = {"input_ids": ids, "position_ids": positions, "attention_mask": mask}
         with around(tree) if around else contextlib.nullcontext():
             hidden = enc.hidden(inputs, params).reshape(-1, enc.model.config.hidden_size)
-        picked = hidden[torch.tensor(lay.predictor, device=device)]
-        logits = upcast(enc.lm_logits(picked, params))  # only where a label token is predicted
-        target = torch.tensor(lay.target, device=device)[:, None]
-        token_lp = logits.log_softmax(-1).gather(-1, target).squeeze(-1)
+        # the output layer only where a label token is predicted, once per predicting slot
+        slots, row = torch.tensor(lay.predictor, device=device).unique(return_inverse=True)
+        logprobs = upcast(enc.lm_logits(hidden[slots], params)).log_softmax(-1)
+        token_lp = logprobs[row, torch.tensor(lay.target, device=device)]
         return token_lp, torch.tensor(lay.owner, device=device)
 
 
@@ -231,11 +262,14 @@ def score_matrices(
     around: Callable[[list[int]], Around] | None = None,
 ) -> list[torch.Tensor]:  # fmt: skip
     """`score_matrix` of several (prefix, stems, leaves) parts (episodes) in shared forwards:
-    [stems, leaves] scores per part. `around(owner)`, `owner` each tree's part, gives the
-    context of each forward (see `Around`)."""
+    [stems, leaves] scores per part; at most `per_tree` stems share a copy of their part's
+    prefix (`stems_per_tree`). `around(owner)`, `owner` each tree's part, gives the context of
+    each forward (see `Around`)."""
     trees, owner = [], []
     for i, (prefix, stems, leaves) in enumerate(parts):
-        for part in chunks(stems, per_tree):
+        branch = sum(laid(leaf) for leaf in leaves)
+        size = stems_per_tree(len(prefix), [len(s) + branch for s in stems], per_tree)
+        for part in chunks(stems, size):
             trees.append(Tree(prefix, part, [leaves] * len(part)))
             owner.append(i)
     sums, counts = scorer.logprobs(trees, params, around(owner) if around else None)
@@ -250,7 +284,7 @@ def score_matrix(
     per_tree: int, score: str, params: dict | None = None, shared: bool = True,
 ) -> torch.Tensor:  # fmt: skip
     """[stems, leaves] label scores: every stem followed by every leaf. `shared`: stems share
-    the prefix `per_tree` at a time; otherwise each (stem, leaf) pair is scored alone."""
+    the prefix, at most `per_tree` at a time; otherwise each (stem, leaf) pair is scored alone."""
     if shared:
         return score_matrices(scorer, [(prefix, stems, leaves)], per_tree, score, params)[0]
     trees = [Tree(prefix, [s], [[leaf]]) for s in stems for leaf in leaves]
