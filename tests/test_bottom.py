@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from metarun.algo import build_algorithm
-from metarun.backbone import load_backbone, transformer_layers
+from metarun.backbone import bottom, load_backbone, transformer_layers
 from metarun.backbone.bottom import replayable
 from metarun.task import fixed_episodes
 from metarun.train.evaluate import evaluate
@@ -74,7 +74,7 @@ def test_cached_bottom_gives_the_same_loss_meta_gradients_and_predictions(
     assert cached.inner.split > 0 and plain.inner.split == 0
     loss, _ = cached.meta_loss(episodes)
     ref, _ = plain.meta_loss(episodes)
-    assert torch.allclose(loss, ref, rtol=0, atol=1e-12)
+    assert torch.allclose(loss, ref, rtol=0, atol=1e-12), float(loss - ref)
     got, want = meta_grads(cached, episodes), meta_grads(plain, episodes)
     assert got.keys() == want.keys() and got
     for name in got:
@@ -87,6 +87,42 @@ def test_cached_bottom_gives_the_same_loss_meta_gradients_and_predictions(
     # The bottom block ran for the support set once (not once per step) and for the queries.
     assert calls[0] < plain_calls[0]
     assert evaluate(cached, episodes).acc == evaluate(plain, episodes).acc
+
+
+SHORT_ROWS = [["algo.adapt=lora", "backbone.packing=always"], ["algo.head=verbalizer"]]
+
+
+@pytest.mark.parametrize("overrides", SHORT_ROWS, ids=["packed", "trees"])
+def test_short_rows_replay_eager_attention_with_sdpa_numbers(
+    make, episodes, overrides, monkeypatch
+):
+    """On a CPU the replayed blocks of rows up to `EAGER_WIDTH` attend by plain matmuls (the
+    model's eager attention, faster there than the fused kernel): float32 numbers equal SDPA's
+    path, and the model's own attention setting is left as it was."""
+    steps = ["algo=maml", "algo.adapt_layers=1", "algo.inner_steps=3", "algo.eval_inner_steps=3"]
+    cached, _ = make("tiny-llama", *steps, *overrides)
+    plain, _ = make("tiny-llama", *steps, *overrides, cached=False)
+    cached, plain = cached.float(), plain.float()
+    config = cached.encoder.model.config
+    seen = []
+    top = transformer_layers(cached.encoder.model)[-1]
+    top.register_forward_pre_hook(lambda *_: seen.append(config._attn_implementation))
+    loss, ref = cached.meta_loss(episodes)[0], plain.meta_loss(episodes)[0]
+    assert "eager" in seen and config._attn_implementation == "sdpa"
+    assert torch.allclose(loss, ref, rtol=1e-5, atol=1e-6)
+    got, want = meta_grads(cached, episodes), meta_grads(plain, episodes)
+    assert got.keys() == want.keys() and got
+    for name in got:  # float32: relative to the gradient's size
+        error = float((got[name] - want[name]).norm() / want[name].norm().clamp_min(1e-12))
+        assert error < 1e-4, (name, error)
+    with torch.no_grad():
+        a = cached.eval().adapt(episodes[0].support, 3)(episodes[0].query)
+        b = plain.eval().adapt(episodes[0].support, 3)(episodes[0].query)
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    monkeypatch.setattr(bottom, "EAGER_WIDTH", 0)
+    seen.clear()
+    cached.train().meta_loss(episodes)
+    assert seen and "eager" not in seen
 
 
 def test_dropout_in_training_runs_the_bottom_every_step(make, episodes):

@@ -12,8 +12,10 @@ arguments (`replayable`); `Encoder.frozen_below` runs every block elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -28,6 +30,13 @@ FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
 # models mixing attention types (sliding-window layers get another mask), run every block.
 REPLAYABLE = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "gpt2", "llama",
               "mistral", "qwen2", "qwen3")  # fmt: skip
+
+
+# On a CPU, rows up to this wide replay their attention as plain matmuls (the model's eager
+# attention): at an episode's ~190-token support tree that runs the forward and backward 2.6x
+# faster than SDPA's fused CPU kernel, whose backward costs 3x its forward; wider rows (a query
+# tree of 1,000 tokens) are faster fused (docs/BENCHMARKS.md). 0: always the model's own.
+EAGER_WIDTH = 512
 
 
 def replayable(model: nn.Module) -> bool:
@@ -94,17 +103,44 @@ class FrozenBottom:
         if key not in self.saved:
             self.saved[key] = self.bottom(inputs)
         hidden, args, kwargs = self.saved[key]
-        for index in range(self.split, len(self.layers)):
-            own = self.own(params, f"{self.layers_name}.{index}.")
-            layer = self.layers[index]
-            out = functional_call(layer, own, (hidden, *args), kwargs, strict=False) if own \
-                else layer(hidden, *args, **kwargs)  # fmt: skip
-            hidden = out[0] if isinstance(out, tuple) else out
+        with self.attention(hidden, kwargs) as kwargs:
+            for index in range(self.split, len(self.layers)):
+                own = self.own(params, f"{self.layers_name}.{index}.")
+                layer = self.layers[index]
+                out = functional_call(layer, own, (hidden, *args), kwargs, strict=False) if own \
+                    else layer(hidden, *args, **kwargs)  # fmt: skip
+                hidden = out[0] if isinstance(out, tuple) else out
         if self.final is not None:
             name, norm = self.final
             own = self.own(params, f"{name}.")
             hidden = functional_call(norm, own, (hidden,)) if own else norm(hidden)
         return hidden
+
+    @contextlib.contextmanager
+    def attention(self, hidden: torch.Tensor, kwargs: dict) -> Iterator[dict]:
+        """The replayed blocks' keyword arguments, under eager attention where that is faster
+        (`EAGER_WIDTH`) and the blocks take a prepared 4D mask by name (Llama-family layers),
+        which eager attention needs additive; SDPA and eager compute the same attention. Not
+        in float64, whose precision eager attention's float32 softmax would lose."""
+        config = self.body.config
+        mask = kwargs.get("attention_mask")
+        if (
+            hidden.device.type != "cpu" or hidden.shape[1] > EAGER_WIDTH
+            or hidden.dtype == torch.float64 or config._attn_implementation != "sdpa"
+            or not isinstance(mask, torch.Tensor) or mask.dim() != 4
+        ):  # fmt: skip
+            yield kwargs
+            return
+        if mask.dtype == torch.bool:
+            blocked = torch.finfo(hidden.dtype).min
+            mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill(
+                ~mask, blocked
+            )
+        config._attn_implementation = "eager"
+        try:
+            yield {**kwargs, "attention_mask": mask}
+        finally:
+            config._attn_implementation = "sdpa"
 
     @staticmethod
     def own(params: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
