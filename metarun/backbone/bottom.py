@@ -34,7 +34,7 @@ REPLAYABLE = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "gpt2", 
 
 # On a CPU, rows up to this wide replay their attention as plain matmuls (the model's eager
 # attention): at an episode's ~190-token support tree that runs the forward and backward 2.6x
-# faster than SDPA's fused CPU kernel, whose backward costs 3x its forward; wider rows (a query
+# faster than SDPA's fused CPU kernel, whose backward costs 3.5x its forward; wider rows (a query
 # tree of 1,000 tokens) are faster fused (docs/BENCHMARKS.md). 0: always the model's own.
 EAGER_WIDTH = 512
 
