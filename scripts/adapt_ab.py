@@ -65,6 +65,7 @@ def main() -> None:
     hw, _, algo, episodes = build_for_eval(overrides, args.episodes, "valid")
     algo.eval()
     arms = ["eager", "sdpa"] if args.toggle_eager else [args.cell]
+    width = {"eager": bottom.EAGER_WIDTH, "sdpa": 0} if args.toggle_eager else {}
     seconds = {arm: [] for arm in arms}
     scores = {arm: [] for arm in arms}
     with torch.no_grad(), hw.autocast():
@@ -72,7 +73,7 @@ def main() -> None:
         for i, episode in enumerate(episodes):
             for arm in arms if i % 2 == 0 else arms[::-1]:
                 if args.toggle_eager:
-                    bottom.EAGER_WIDTH = 512 if arm == "eager" else 0
+                    bottom.EAGER_WIDTH = width[arm]
                 start = time.perf_counter()
                 scores[arm].append(adapt(algo, episode))
                 seconds[arm].append(time.perf_counter() - start)

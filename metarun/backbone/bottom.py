@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from metarun.backbone.packing import attention_mask
 from metarun.errors import MetarunError
 
 FINAL_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm")
@@ -132,10 +133,7 @@ class FrozenBottom:
             yield kwargs
             return
         if mask.dtype == torch.bool:
-            blocked = torch.finfo(hidden.dtype).min
-            mask = torch.zeros(mask.shape, dtype=hidden.dtype, device=mask.device).masked_fill(
-                ~mask, blocked
-            )
+            mask = attention_mask(mask, hidden.dtype)
         config._attn_implementation = "eager"
         try:
             yield {**kwargs, "attention_mask": mask}
